@@ -1,0 +1,91 @@
+"""fedcifar ClientApp: thin Flower handlers over task.py.
+
+A node's data comes from its node config: either its own directory
+(``data-path``, how a real site runs) or a slice of the configured data set
+(``partition-id`` and ``num-partitions``, which the simulation engine sets).
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedcifar_app import task
+from fedcifar_app.config import RunConfig
+from fedcifar_app.data import PartitionScheme, load_node_data, load_partition
+from fedcifar_app.task import BatchLoader, ImageTensors
+
+app = ClientApp()
+
+
+class NodeConfigError(ValueError):
+    """The SuperNode's node config does not say where its data is."""
+
+
+def node_data(config: RunConfig, node_config: dict) -> tuple[ImageTensors, ImageTensors]:
+    """This node's (train, validation) data, as its node config describes."""
+    if "data-path" in node_config:
+        return load_node_data(str(node_config["data-path"]), config.cache_root,
+                              config.validation_fraction, config.seed)
+    if "partition-id" in node_config and "num-partitions" in node_config:
+        scheme = PartitionScheme(
+            partitioner=config.partitioner,
+            num_partitions=int(node_config["num-partitions"]),
+            dirichlet_alpha=config.dirichlet_alpha,
+            classes_per_partition=config.classes_per_partition,
+            validation_fraction=config.validation_fraction,
+            seed=config.seed,
+        )
+        return load_partition(config.dataset, config.cache_root, scheme,
+                              int(node_config["partition-id"]))
+    raise NodeConfigError(
+        "this SuperNode's node config names no data: start it with "
+        "--node-config \"data-path='/abs/path/to/node/data'\" (a directory with "
+        "train.parquet) or --node-config \"partition-id=0 num-partitions=N\" "
+        f"(got node config {dict(node_config)})")
+
+
+def _received_model(msg: Message) -> task.Net:
+    net = task.Net()
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return net
+
+
+def _reply(msg: Message, metrics: dict, net: task.Net | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if net is not None:
+        content["arrays"] = ArrayRecord(net.state_dict())
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received model on this node's training data."""
+    config = RunConfig.from_mapping(context.run_config)
+    train_data, _ = node_data(config, context.node_config)
+    net = _received_model(msg)
+    server_round = int(msg.content["config"]["server-round"])
+    # A distinct, reproducible shuffle/augmentation stream per (seed, round, node).
+    node = context.node_config.get("partition-id", context.node_id)
+    generator = torch.Generator().manual_seed(hash((config.seed, server_round, node)) % 2**63)
+    loader = BatchLoader(train_data, config.batch_size, shuffle=True,
+                         augment=config.augment, generator=generator)
+    train_loss = task.train(
+        net, loader, config.local_epochs, config.learning_rate, config.momentum,
+        config.weight_decay,
+        # FedProx puts its mu into the round's config; other strategies don't.
+        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+    )
+    return _reply(msg, {"train-loss": train_loss, "num-examples": len(train_data)}, net)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received model on this node's validation data."""
+    config = RunConfig.from_mapping(context.run_config)
+    _, validation_data = node_data(config, context.node_config)
+    loss, accuracy = task.test(_received_model(msg),
+                               BatchLoader(validation_data, task.EVAL_BATCH_SIZE))
+    return _reply(msg, {"eval-loss": loss, "eval-accuracy": accuracy,
+                        "num-examples": len(validation_data)})

@@ -1,0 +1,178 @@
+"""The run configuration: one typed, validated object for every entry point.
+
+``RunConfig.from_mapping`` takes what Flower hands the apps (``context.run_config``:
+the ``[tool.flwr.app.config]`` table of pyproject.toml plus ``--run-config``
+overrides) or what the centralized CLI parsed, rejects unknown keys, wrong types
+and out-of-range values with a message naming the key, and fills in defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+
+
+class ConfigError(ValueError):
+    """A run configuration value is unknown, of the wrong type or out of range."""
+
+
+def _setting(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda value: None if value >= low else f"must be >= {low}"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
+def _open_unit(value: float) -> str | None:
+    return None if 0 < value < 1 else "must be in (0, 1)"
+
+
+def _unit_right_open(value: float) -> str | None:
+    return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+def _between(low: int, high: int) -> Callable[[Any], str | None]:
+    return lambda value: None if low <= value <= high else f"must be in [{low}, {high}]"
+
+
+def _not_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of a run. Keys are the field names with '-' for '_'."""
+
+    num_server_rounds: int = _setting(8, "Federated rounds.", _at_least(1))
+    fraction_train: float = _setting(1.0, "Fraction of nodes that train each round.", _fraction)
+    fraction_evaluate: float = _setting(
+        0.5, "Fraction of nodes that evaluate on their validation split each round.", _fraction)
+    min_available_nodes: int = _setting(
+        2, "Nodes that must be connected before a round starts.", _at_least(1))
+    local_epochs: int = _setting(1, "Epochs each node trains per round.", _at_least(1))
+    batch_size: int = _setting(32, "Training and evaluation batch size.", _at_least(1))
+    learning_rate: float = _setting(0.02, "SGD learning rate (client side).", _positive)
+    momentum: float = _setting(0.9, "SGD momentum (client side).", _unit_right_open)
+    weight_decay: float = _setting(0.0, "SGD weight decay (client side).", _at_least(0))
+    augment: bool = _setting(
+        False, "Random crop (4 px padding) and horizontal flip on training batches.")
+    strategy: str = _setting("fedavg", "Server strategy: " + ", ".join(STRATEGIES) + ".",
+                             _one_of(STRATEGIES))
+    fedprox_mu: float = _setting(0.01, "FedProx proximal term weight mu.", _positive)
+    fedavgm_server_lr: float = _setting(1.0, "FedAvgM server learning rate.", _positive)
+    fedavgm_momentum: float = _setting(0.9, "FedAvgM server momentum.", _unit_right_open)
+    fedadam_eta: float = _setting(0.01, "FedAdam server learning rate (eta).", _positive)
+    fedadam_tau: float = _setting(
+        0.001, "FedAdam adaptivity (tau): larger is closer to plain FedAvg steps.", _positive)
+    partitioner: str = _setting(
+        "iid", "How the training split is divided among simulated nodes: "
+        + ", ".join(PARTITIONERS) + ".", _one_of(PARTITIONERS))
+    dirichlet_alpha: float = _setting(
+        0.5, "Concentration of the label Dirichlet (partitioner=dirichlet); smaller is "
+        "more skewed.", _positive)
+    classes_per_partition: int = _setting(
+        2, "Labels each node holds (partitioner=pathological).", _between(1, 10))
+    validation_fraction: float = _setting(
+        0.1, "Part of each node's data held out for its client-side evaluation.", _open_unit)
+    dataset: str = _setting(
+        "uoft-cs/cifar10", "Hugging Face Hub id, or a local directory holding "
+        "train.parquet and test.parquet in the same schema (use an absolute path).",
+        _not_empty)
+    seed: int = _setting(42, "Seed for model initialisation, partitioning, sampling and "
+                         "shuffling.", _at_least(0))
+    output_dir: str = _setting(
+        "~/fedcifar-outputs", "Directory under which each run writes its own folder.",
+        _not_empty)
+    cache_dir: str = _setting(
+        "~/.cache/fedcifar", "Where decoded images and partition indices are cached.",
+        _not_empty)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build a validated config; raise ConfigError naming every bad key."""
+        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        errors = [f"unknown key '{key}' (known keys: {', '.join(fields)})"
+                  for key in values if key not in fields]
+        parsed: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in fields:
+                continue
+            spec = fields[key]
+            coerced = _coerce(value, spec.type)
+            if coerced is None:
+                errors.append(f"'{key}' expects {_type_name(spec.type)}, got {value!r} "
+                              f"({type(value).__name__})")
+                continue
+            check = spec.metadata["check"]
+            problem = check(coerced) if check else None
+            if problem:
+                errors.append(f"'{key}' {problem}, got {value!r}")
+                continue
+            parsed[spec.name] = coerced
+        if errors:
+            raise ConfigError("invalid run config:\n  " + "\n  ".join(errors))
+        return cls(**parsed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as run-config keys (hyphenated), e.g. for results.json."""
+        return {f.name.replace("_", "-"): getattr(self, f.name)
+                for f in dataclasses.fields(self)}
+
+    @staticmethod
+    def docs() -> dict[str, tuple[Any, str]]:
+        """Key -> (default, description), for the README table and the CLI help."""
+        return {f.name.replace("_", "-"): (f.default, f.metadata["doc"])
+                for f in dataclasses.fields(RunConfig)}
+
+    @property
+    def output_root(self) -> Path:
+        return expand_path(self.output_dir)
+
+    @property
+    def cache_root(self) -> Path:
+        return expand_path(self.cache_dir)
+
+
+def expand_path(path: str) -> Path:
+    """Absolute path with ~ expanded (relative paths resolve against the cwd)."""
+    return Path(path).expanduser().resolve()
+
+
+def _coerce(value: Any, type_name: str) -> Any:
+    """Return value as the field's type, or None when it is not of that type.
+
+    bool is a subclass of int in Python, so it is rejected explicitly for numbers.
+    """
+    if type_name == "bool":
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if type_name == "int":
+        return value if isinstance(value, int) else None
+    if type_name == "float":
+        return float(value) if isinstance(value, (int, float)) else None
+    return value if isinstance(value, str) else None
+
+
+def _type_name(type_name: str) -> str:
+    return {"int": "an integer", "float": "a number", "bool": "true or false",
+            "str": "a string"}[type_name]

@@ -1,0 +1,227 @@
+"""Loading, decoding and partitioning CIFAR-10 (Hugging Face datasets + flwr-datasets).
+
+The expensive step, JPEG/PNG decoding, happens once per data set: the first
+process that needs a split decodes it into a uint8 tensor file under the cache
+directory (as airbench's ``CifarLoader`` does) and every later process and round
+memory-maps that file. Partitions are computed once with flwr-datasets'
+partitioners and cached as index tensors beside it, so a client's data is a
+cheap gather from the mapped split.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fedcifar_app.task import NUM_CLASSES, ImageTensors
+
+IMAGE_COLUMN = "img"
+LABEL_COLUMN = "label"
+IMAGE_SIZE = 32
+# Bump when the cached file layout changes, so stale caches are not read.
+CACHE_FORMAT = 1
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The configured data set cannot be found, loaded or used."""
+
+
+def is_local_dataset(dataset: str) -> bool:
+    """A path (absolute, ~, ./ or an existing directory) rather than a Hub id."""
+    return dataset.startswith(("/", "~", ".")) or Path(dataset).is_dir()
+
+
+def _offline_hint() -> str:
+    return ("To use local data, set `dataset` to a directory holding train.parquet and "
+            "test.parquet (columns img, label), e.g.\n"
+            "  flwr run . --run-config \"dataset='/abs/path/to/cifar10'\"\n"
+            "  python -m fedcifar_app.centralized --dataset /abs/path/to/cifar10")
+
+
+def _local_fingerprint(directory: Path) -> str:
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    stats = [(str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
+             for p in files]
+    return hashlib.sha256(json.dumps([str(directory), stats]).encode()).hexdigest()[:16]
+
+
+def dataset_cache_dir(dataset: str, cache_root: Path) -> Path:
+    """The cache folder of one data set; checks that a local directory exists."""
+    if is_local_dataset(dataset):
+        directory = Path(dataset).expanduser().resolve()
+        if not directory.is_dir():
+            raise DatasetUnavailableError(
+                f"dataset directory '{dataset}' not found (resolved to {directory} from "
+                f"the working directory {Path.cwd()}; Flower apps run in the SuperLink's "
+                "or SuperNode's working directory, so give an absolute path).\n"
+                + _offline_hint())
+        key = f"local-{directory.name}-{_local_fingerprint(directory)}"
+    else:
+        key = "hub-" + dataset.replace("/", "--")
+    return cache_root / f"v{CACHE_FORMAT}" / key
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Serialise cache writers across processes (Ray actors, SuperNodes, runs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _cached(path: Path, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Load ``path``, or build it under a lock and save it atomically first."""
+    if not path.exists():
+        with _file_lock(path):
+            if not path.exists():
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                torch.save(build(), tmp)
+                os.replace(tmp, path)
+    # mmap: processes share the page cache instead of each holding a copy.
+    return torch.load(path, mmap=True, weights_only=True)
+
+
+def _load_hf_split(dataset: str, split: str) -> Any:
+    import datasets  # Deferred: importing datasets costs ~1 s, and cache hits skip it.
+
+    source = str(Path(dataset).expanduser().resolve()) if is_local_dataset(dataset) else dataset
+    try:
+        hf_split = datasets.load_dataset(source, split=split)
+    except Exception as err:  # datasets raises many types for "cannot load".
+        raise DatasetUnavailableError(
+            f"cannot load split '{split}' of dataset '{dataset}': "
+            f"{type(err).__name__}: {err}\n" + _offline_hint()) from err
+    missing = {IMAGE_COLUMN, LABEL_COLUMN} - set(hf_split.column_names)
+    if missing:
+        raise DatasetUnavailableError(
+            f"dataset '{dataset}' split '{split}' lacks column(s) {sorted(missing)}; "
+            f"expected '{IMAGE_COLUMN}' (Image) and '{LABEL_COLUMN}' (ClassLabel), "
+            f"found {hf_split.column_names}")
+    return hf_split.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
+
+
+def _decode(dataset: str, split: str) -> dict[str, Any]:
+    hf_split = _load_hf_split(dataset, split)
+    print(f"[fedcifar] decoding {len(hf_split)} images of {dataset}:{split} (once; cached)",
+          flush=True)
+    encoded = hf_split[IMAGE_COLUMN]
+    images = np.empty((len(encoded), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for i, item in enumerate(encoded):
+        with Image.open(io.BytesIO(item["bytes"])) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        if pixels.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
+            raise DatasetUnavailableError(
+                f"dataset '{dataset}' holds {pixels.shape[1]}×{pixels.shape[0]} images; "
+                f"the model expects {IMAGE_SIZE}×{IMAGE_SIZE}")
+        images[i] = pixels
+    labels = torch.tensor(hf_split[LABEL_COLUMN], dtype=torch.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise DatasetUnavailableError(
+            f"dataset '{dataset}' has labels outside 0..{NUM_CLASSES - 1}")
+    return {"images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+            "labels": labels}
+
+
+def load_split(dataset: str, split: str, cache_root: Path) -> ImageTensors:
+    """A whole split as uint8 tensors, decoded on first use and cached on disk."""
+    path = dataset_cache_dir(dataset, cache_root) / f"{split}.pt"
+    data = _cached(path, lambda: _decode(dataset, split))
+    return ImageTensors(data["images"], data["labels"])
+
+
+@dataclass(frozen=True)
+class PartitionScheme:
+    """How a training split is divided among nodes, each keeping a validation part."""
+
+    partitioner: str
+    num_partitions: int
+    dirichlet_alpha: float
+    classes_per_partition: int
+    validation_fraction: float
+    seed: int
+
+    def cache_name(self) -> str:
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
+        return f"partitions-{self.partitioner}-{self.num_partitions}-{digest.hexdigest()[:12]}.pt"
+
+
+def _make_partitioner(scheme: PartitionScheme) -> Any:
+    from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner,
+                                           PathologicalPartitioner)
+
+    if scheme.partitioner == "iid":
+        return IidPartitioner(num_partitions=scheme.num_partitions)
+    if scheme.partitioner == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=scheme.num_partitions, partition_by=LABEL_COLUMN,
+            alpha=scheme.dirichlet_alpha, seed=scheme.seed)
+    if scheme.partitioner == "pathological":
+        return PathologicalPartitioner(
+            num_partitions=scheme.num_partitions, partition_by=LABEL_COLUMN,
+            num_classes_per_partition=scheme.classes_per_partition,
+            class_assignment_mode="first-deterministic", seed=scheme.seed)
+    raise ValueError(f"unknown partitioner '{scheme.partitioner}'")
+
+
+def _split_validation(rows: Any, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Hold out ``fraction`` of a partition (rows: a dataset with a 'row' column)."""
+    if len(rows) < 2:
+        raise DatasetUnavailableError(
+            f"a partition of {len(rows)} example(s) cannot be split into training and "
+            "validation data; use fewer partitions or a different partitioner")
+    parts = rows.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"]["row"], parts["test"]["row"]
+
+
+def _compute_partitions(labels: torch.Tensor, scheme: PartitionScheme) -> dict[str, Any]:
+    import datasets
+
+    # Partitioners need only labels; the row column maps results back to the split.
+    rows = datasets.Dataset.from_dict(
+        {LABEL_COLUMN: labels.tolist(), "row": list(range(len(labels)))})
+    # Shuffle first, as FederatedDataset does, so IID shards are not file-order slices.
+    partitioner = _make_partitioner(scheme)
+    partitioner.dataset = rows.shuffle(seed=scheme.seed)
+    train_rows, validation_rows = [], []
+    for partition_id in range(scheme.num_partitions):
+        train, validation = _split_validation(partitioner.load_partition(partition_id),
+                                              scheme.validation_fraction, scheme.seed)
+        train_rows.append(torch.tensor(train, dtype=torch.int64))
+        validation_rows.append(torch.tensor(validation, dtype=torch.int64))
+    return {"train": train_rows, "validation": validation_rows}
+
+
+def load_partition(dataset: str, cache_root: Path, scheme: PartitionScheme,
+                   partition_id: int) -> tuple[ImageTensors, ImageTensors]:
+    """(train, validation) tensors of one simulated node's partition."""
+    if not 0 <= partition_id < scheme.num_partitions:
+        raise ValueError(f"partition-id {partition_id} is outside "
+                         f"[0, {scheme.num_partitions - 1}] (num-partitions)")
+    split = load_split(dataset, "train", cache_root)
+    path = dataset_cache_dir(dataset, cache_root) / scheme.cache_name()
+    partitions = _cached(path, lambda: _compute_partitions(split.labels, scheme))
+    return (split.subset(partitions["train"][partition_id]),
+            split.subset(partitions["validation"][partition_id]))
+
+
+def load_node_data(data_path: str, cache_root: Path, validation_fraction: float,
+                   seed: int) -> tuple[ImageTensors, ImageTensors]:
+    """(train, validation) tensors of a node that holds its own data directory."""
+    scheme = PartitionScheme("iid", 1, 1.0, NUM_CLASSES, validation_fraction, seed)
+    return load_partition(data_path, cache_root, scheme, 0)

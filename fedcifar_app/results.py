@@ -1,0 +1,132 @@
+"""Run outputs shared by the federated and centralized entry points (no Flower).
+
+Each run writes into its own folder:
+  results.json      run config, one entry per round/epoch, best round, timings
+  model_final.pt    torch.save(state_dict) of the final model (task.Net loads it)
+  model_best.pt     the state_dict with the best test accuracy so far
+  accuracy.png      test accuracy per round/epoch
+results.json is rewritten after every entry, so an interrupted run keeps its history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_FILE = "results.json"
+FINAL_MODEL_FILE = "model_final.pt"
+BEST_MODEL_FILE = "model_best.pt"
+PLOT_FILE = "accuracy.png"
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunRecorder:
+    """Collects per-round (or per-epoch) results and keeps the run folder current."""
+
+    run_dir: Path
+    kind: str  # "federated" or "centralized"
+    unit: str  # "round" or "epoch"
+    run_config: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    best_accuracy: float = float("-inf")
+    best_index: int | None = None
+    started: float = field(default_factory=time.monotonic)
+    started_at: str = field(
+        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    status: str = "running"
+
+    def __post_init__(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def record(self, index: int, state_dict: dict[str, torch.Tensor] | None = None,
+               **values: Any) -> dict[str, Any]:
+        """Add or update the entry of round/epoch ``index``; save the best model."""
+        entry = next((e for e in self.entries if e[self.unit] == index), None)
+        if entry is None:
+            entry = {self.unit: index}
+            self.entries.append(entry)
+            self.entries.sort(key=lambda e: e[self.unit])
+        entry.update(values)
+        entry["elapsed_s"] = round(self.elapsed, 3)
+        accuracy = values.get("test_accuracy")
+        if accuracy is not None and state_dict is not None and accuracy > self.best_accuracy:
+            self.best_accuracy, self.best_index = accuracy, index
+            _atomic_write(self.run_dir / BEST_MODEL_FILE,
+                          lambda tmp: torch.save(state_dict, tmp))
+        self.write()
+        return entry
+
+    def finish(self, final_state_dict: dict[str, torch.Tensor] | None,
+               status: str = "completed") -> None:
+        self.status = status
+        if final_state_dict is not None:
+            _atomic_write(self.run_dir / FINAL_MODEL_FILE,
+                          lambda tmp: torch.save(final_state_dict, tmp))
+        self.write()
+        plot_accuracy([self.summary()], self.run_dir / PLOT_FILE)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "unit": self.unit,
+            "status": self.status,
+            "started_at": self.started_at,
+            "elapsed_s": round(self.elapsed, 3),
+            "run_config": self.run_config,
+            **self.extra,
+            "best": None if self.best_index is None else {
+                self.unit: self.best_index, "test_accuracy": self.best_accuracy},
+            "entries": self.entries,
+        }
+
+    def write(self) -> None:
+        text = json.dumps(self.summary(), indent=2)
+        _atomic_write(self.run_dir / RESULTS_FILE, lambda tmp: tmp.write_text(text))
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    return json.loads((path / RESULTS_FILE if path.is_dir() else path).read_text())
+
+
+def plot_accuracy(runs: list[dict[str, Any]], path: Path, labels: list[str] | None = None,
+                  by_epochs_of_data: bool = False) -> None:
+    """Test accuracy per round/epoch (or per epoch of training data) of one or more runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, run in enumerate(runs):
+        points = [e for e in run["entries"] if e.get("test_accuracy") is not None]
+        key = "epochs_of_data" if by_epochs_of_data else run["unit"]
+        xs = [e.get(key, 0) for e in points]
+        label = labels[i] if labels else f"{run['kind']} ({run['run_config'].get('partitioner', 'all data')})"
+        ax.plot(xs, [100 * e["test_accuracy"] for e in points], marker="o", markersize=3,
+                label=label)
+    ax.set_xlabel("epochs of training data" if by_epochs_of_data else runs[0]["unit"])
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)

@@ -1,0 +1,182 @@
+"""Model, training and evaluation: pure PyTorch, no Flower.
+
+This is the PyTorch "Training a Classifier" tutorial (``Net``, ``train``, ``test``)
+with one change to the data path: images are decoded once into uint8 tensors
+(see ``data.py``) and ``BatchLoader`` normalises and augments whole batches as
+tensor ops, instead of running a PIL transform on every image on every pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Per-channel mean and standard deviation of the CIFAR-10 training images.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+NUM_CLASSES = 10
+# Random crops shift an image by up to this many pixels (zero padding).
+CROP_PADDING = 4
+# Evaluation needs no gradients, so larger batches only save per-batch overhead.
+EVAL_BATCH_SIZE = 500
+
+
+class Net(nn.Module):
+    """The tutorial CNN: conv 3→6 5×5, pool, conv 6→16 5×5, pool, fc 400→120→84→10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+@dataclass(frozen=True)
+class ImageTensors:
+    """Decoded images (uint8, N×3×32×32) and their labels (int64, N)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"images must be uint8 N×C×H×W, got {self.images.dtype} "
+                             f"{tuple(self.images.shape)}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: torch.Tensor) -> ImageTensors:
+        return ImageTensors(self.images[indices], self.labels[indices])
+
+
+class BatchLoader:
+    """Yields normalised float batches from uint8 tensors; augmentation is per batch.
+
+    Like airbench's ``CifarLoader``: no per-image Python work, so the loader costs
+    a few tensor ops per batch. ``augment`` adds a random horizontal flip and a
+    random crop with ``CROP_PADDING`` pixels of zero padding (the NIID-Bench setup).
+    """
+
+    def __init__(
+        self,
+        data: ImageTensors,
+        batch_size: int,
+        shuffle: bool = False,
+        augment: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.data = data
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.generator = generator
+        self._mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1) * 255
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.data) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        num_samples = len(self.data)
+        order = (torch.randperm(num_samples, generator=self.generator)
+                 if self.shuffle else torch.arange(num_samples))
+        for start in range(0, num_samples, self.batch_size):
+            batch_indices = order[start:start + self.batch_size]
+            images = self.data.images[batch_indices]
+            if self.augment:
+                images = self._random_crop(self._random_flip(images))
+            images = (images.float() - self._mean) / self._std
+            yield images, self.data.labels[batch_indices]
+
+    def _random_flip(self, images: torch.Tensor) -> torch.Tensor:
+        flip = torch.rand(len(images), generator=self.generator) < 0.5
+        return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+    def _random_crop(self, images: torch.Tensor) -> torch.Tensor:
+        """Shift each image by (dy, dx) ∈ [-pad, pad]², filling with zeros."""
+        pad = CROP_PADDING
+        size = images.shape[-1]
+        padded = F.pad(images, (pad,) * 4)
+        shifts = torch.randint(0, 2 * pad + 1, (len(images), 2), generator=self.generator)
+        rows = (shifts[:, 0, None] + torch.arange(size)).view(-1, 1, size, 1)
+        cols = (shifts[:, 1, None] + torch.arange(size)).view(-1, 1, 1, size)
+        batch = torch.arange(len(images)).view(-1, 1, 1, 1)
+        channels = torch.arange(images.shape[1]).view(1, -1, 1, 1)
+        return padded[batch, channels, rows, cols]
+
+
+def train(
+    net: nn.Module,
+    loader: BatchLoader,
+    epochs: int,
+    learning_rate: float,
+    momentum: float,
+    weight_decay: float = 0.0,
+    proximal_mu: float = 0.0,
+) -> float:
+    """Train with SGD; return the mean training loss over all batches.
+
+    ``proximal_mu`` > 0 adds FedProx's proximal term (mu/2)·||w - w_global||², where
+    w_global are the weights ``net`` holds when training starts.
+    """
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=momentum,
+                                weight_decay=weight_decay)
+    global_params = [p.detach().clone() for p in net.parameters()] if proximal_mu > 0 else []
+    net.train()
+    total_loss = torch.zeros(())
+    num_batches = 0
+    for _ in range(epochs):
+        for images, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(net(images), labels)
+            if global_params:
+                loss = loss + proximal_mu / 2 * sum(
+                    (p - g).pow(2).sum() for p, g in zip(net.parameters(), global_params))
+            loss.backward()
+            optimizer.step()
+            # Accumulate as a tensor: .item() every step would force a sync per batch.
+            total_loss += loss.detach()
+            num_batches += 1
+    mean_loss = (total_loss / max(num_batches, 1)).item()
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"training diverged (mean loss {mean_loss}); "
+                                 "lower the learning rate")
+    return mean_loss
+
+
+@torch.no_grad()
+def test(net: nn.Module, loader: BatchLoader) -> tuple[float, float]:
+    """Return (mean cross-entropy loss, accuracy) of ``net`` over ``loader``."""
+    net.eval()
+    total_loss = 0.0
+    correct = 0
+    for images, labels in loader:
+        logits = net(images)
+        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+    num_samples = len(loader.data)
+    if num_samples == 0:
+        raise ValueError("cannot evaluate on an empty data set")
+    return total_loss / num_samples, correct / num_samples
