@@ -46,6 +46,37 @@ def node_data(config: RunConfig, node_config: dict) -> tuple[ImageTensors, Image
         f"(got node config {dict(node_config)})")
 
 
+def limit_torch_threads(node_config: dict) -> None:
+    """Keep concurrent ClientApps from oversubscribing the cores.
+
+    A node config ``torch-threads`` wins; in simulation the default is the CPUs Ray
+    assigned to this ClientApp (client-resources-num-cpus), since torch would
+    otherwise start one thread per core in every concurrently running client.
+    """
+    threads = node_config.get("torch-threads")
+    if threads is None:
+        threads = _ray_assigned_cpus()
+    if threads is not None and int(threads) != torch.get_num_threads():
+        torch.set_num_threads(max(int(threads), 1))
+
+
+def _ray_assigned_cpus() -> int | None:
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+    return int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0)) or None
+
+
+def _setup(context: Context) -> tuple[RunConfig, ImageTensors, ImageTensors]:
+    """The validated run config and this node's (train, validation) data."""
+    config = RunConfig.from_mapping(context.run_config)
+    limit_torch_threads(context.node_config)
+    return (config, *node_data(config, context.node_config))
+
+
 def _received_model(msg: Message) -> task.Net:
     net = task.Net()
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -62,8 +93,7 @@ def _reply(msg: Message, metrics: dict, net: task.Net | None = None) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received model on this node's training data."""
-    config = RunConfig.from_mapping(context.run_config)
-    train_data, _ = node_data(config, context.node_config)
+    config, train_data, _ = _setup(context)
     net = _received_model(msg)
     server_round = int(msg.content["config"]["server-round"])
     # A distinct, reproducible shuffle/augmentation stream per (seed, round, node).
@@ -83,8 +113,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model on this node's validation data."""
-    config = RunConfig.from_mapping(context.run_config)
-    _, validation_data = node_data(config, context.node_config)
+    _, _, validation_data = _setup(context)
     loss, accuracy = task.test(_received_model(msg),
                                BatchLoader(validation_data, task.EVAL_BATCH_SIZE))
     return _reply(msg, {"eval-loss": loss, "eval-accuracy": accuracy,

@@ -9,7 +9,7 @@ tensor ops, instead of running a PIL transform on every image on every pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -128,17 +128,19 @@ class BatchLoader:
 
 def train(
     net: nn.Module,
-    loader: BatchLoader,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     epochs: int,
     learning_rate: float,
     momentum: float,
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
+    on_epoch_end: Callable[[int, float], None] | None = None,
 ) -> float:
     """Train with SGD; return the mean training loss over all batches.
 
     ``proximal_mu`` > 0 adds FedProx's proximal term (mu/2)·||w - w_global||², where
-    w_global are the weights ``net`` holds when training starts.
+    w_global are the weights ``net`` holds when training starts. ``on_epoch_end``
+    is called with (epoch, mean loss of that epoch), e.g. to evaluate per epoch.
     """
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=momentum,
@@ -147,7 +149,8 @@ def train(
     net.train()
     total_loss = torch.zeros(())
     num_batches = 0
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
+        epoch_loss_before, batches_before = total_loss.clone(), num_batches
         for images, labels in loader:
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(net(images), labels)
@@ -159,6 +162,10 @@ def train(
             # Accumulate as a tensor: .item() every step would force a sync per batch.
             total_loss += loss.detach()
             num_batches += 1
+        if on_epoch_end is not None:
+            epoch_batches = max(num_batches - batches_before, 1)
+            on_epoch_end(epoch, ((total_loss - epoch_loss_before) / epoch_batches).item())
+            net.train()  # The callback may have switched to eval mode.
     mean_loss = (total_loss / max(num_batches, 1)).item()
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"training diverged (mean loss {mean_loss}); "

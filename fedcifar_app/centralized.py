@@ -1,0 +1,115 @@
+"""Centralized baseline: ``python -m fedcifar_app.centralized``.
+
+The same ``Net``, data pipeline and ``train``/``test`` functions as the
+federated app, on the whole training split, with no Flower involved. It writes
+the same results.json schema as a federated run (one entry per epoch), so the
+two can be compared with ``python -m fedcifar_app.compare``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fedcifar_app import task
+from fedcifar_app.config import ConfigError, RunConfig
+from fedcifar_app.data import DatasetUnavailableError, load_split
+from fedcifar_app.results import RunRecorder
+from fedcifar_app.task import BatchLoader
+
+# The run-config keys that apply to centralized training, exposed as --flags.
+CENTRALIZED_KEYS = ("batch-size", "learning-rate", "momentum", "weight-decay", "augment",
+                    "dataset", "seed", "output-dir", "cache-dir")
+DEFAULT_EPOCHS = 5
+
+
+class _ProgressLoader:
+    """Shows a progress bar for each pass over the wrapped loader."""
+
+    def __init__(self, loader: BatchLoader, epochs: int) -> None:
+        self.loader, self.epochs, self.epoch = loader, epochs, 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.epoch += 1
+        yield from tqdm(self.loader, desc=f"epoch {self.epoch}/{self.epochs}",
+                        unit="batch", leave=False, file=sys.stdout)
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[int, RunConfig]:
+    docs = RunConfig.docs()
+    parser = argparse.ArgumentParser(
+        prog="python -m fedcifar_app.centralized",
+        description="Train the fedcifar model on all of CIFAR-10, without Flower.")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+                        help=f"Training epochs (default {DEFAULT_EPOCHS}).")
+    types = {bool: None, int: int, float: float, str: str}
+    for key in CENTRALIZED_KEYS:
+        default, doc = docs[key]
+        help_text = f"{doc} (default {default})"
+        if isinstance(default, bool):
+            parser.add_argument(f"--{key}", action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(f"--{key}", type=types[type(default)], default=None,
+                                help=help_text)
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    given = {key: getattr(args, key.replace("-", "_")) for key in CENTRALIZED_KEYS}
+    try:
+        config = RunConfig.from_mapping({k: v for k, v in given.items() if v is not None})
+    except ConfigError as err:
+        parser.error(str(err))
+    return args.epochs, config
+
+
+def run(epochs: int, config: RunConfig) -> RunRecorder:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = config.output_root / f"centralized-{stamp}"
+    print(f"[fedcifar] outputs of this run: {run_dir}", flush=True)
+    torch.manual_seed(config.seed)
+    train_data = load_split(config.dataset, "train", config.cache_root)
+    test_loader = BatchLoader(load_split(config.dataset, "test", config.cache_root),
+                              task.EVAL_BATCH_SIZE)
+    recorder = RunRecorder(run_dir, kind="centralized", unit="epoch",
+                           run_config={**config.to_dict(), "epochs": epochs})
+    net = task.Net()
+
+    def evaluate(epoch: int, train_loss: float) -> None:
+        loss, accuracy = task.test(net, test_loader)
+        entry = recorder.record(epoch, net.state_dict(), train_loss=train_loss,
+                                test_loss=loss, test_accuracy=accuracy,
+                                samples_trained=epoch * len(train_data))
+        print(f"epoch {epoch}/{epochs}: train loss {train_loss:.4f}, test loss {loss:.4f}, "
+              f"test accuracy {100 * accuracy:.2f}% ({entry['elapsed_s']:.1f} s)", flush=True)
+
+    loss, accuracy = task.test(net, test_loader)
+    recorder.record(0, test_loss=loss, test_accuracy=accuracy, samples_trained=0)
+    loader = BatchLoader(train_data, config.batch_size, shuffle=True, augment=config.augment,
+                         generator=torch.Generator().manual_seed(config.seed))
+    task.train(net, _ProgressLoader(loader, epochs), epochs, config.learning_rate,
+               config.momentum, config.weight_decay, on_epoch_end=evaluate)
+    recorder.finish(net.state_dict())
+    print(f"[fedcifar] best test accuracy {100 * recorder.best_accuracy:.2f}% "
+          f"(epoch {recorder.best_index}); results, models and plot in {run_dir}")
+    return recorder
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    epochs, config = parse_args(argv)
+    try:
+        run(epochs, config)
+    except DatasetUnavailableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Model, loader, train and test: pure PyTorch behaviour."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fedcifar_app import task
+from fedcifar_app.task import BatchLoader, ImageTensors
+
+
+def random_tensors(n: int, seed: int = 0) -> ImageTensors:
+    g = torch.Generator().manual_seed(seed)
+    return ImageTensors(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                        torch.randint(0, 10, (n,), generator=g))
+
+
+def test_net_has_tutorial_shapes() -> None:
+    net = task.Net()
+    assert net(torch.zeros(4, 3, 32, 32)).shape == (4, 10)
+    shapes = {name: tuple(p.shape) for name, p in net.named_parameters()}
+    assert shapes["conv1.weight"] == (6, 3, 5, 5)
+    assert shapes["conv2.weight"] == (16, 6, 5, 5)
+    assert shapes["fc1.weight"] == (120, 400)
+    assert shapes["fc2.weight"] == (84, 120)
+    assert shapes["fc3.weight"] == (10, 84)
+
+
+def test_loader_yields_every_sample_once_normalised() -> None:
+    data = random_tensors(70)
+    loader = BatchLoader(data, batch_size=32, shuffle=True,
+                         generator=torch.Generator().manual_seed(1))
+    batches = list(loader)
+    assert [len(labels) for _, labels in batches] == [32, 32, 6] and len(loader) == 3
+    images = torch.cat([b for b, _ in batches])
+    labels = torch.cat([lbl for _, lbl in batches])
+    assert images.dtype == torch.float32
+    assert sorted(labels.tolist()) == sorted(data.labels.tolist())
+    # Undo the normalisation: each batch row must be one of the source images.
+    mean = torch.tensor(task.CIFAR10_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(task.CIFAR10_STD).view(1, 3, 1, 1) * 255
+    restored = (images * std + mean).round().to(torch.uint8)
+    source = {tuple(img.flatten().tolist()) for img in data.images}
+    assert {tuple(img.flatten().tolist()) for img in restored} == source
+
+
+def test_augmentation_flips_and_shifts_within_padding() -> None:
+    image = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8)
+    data = ImageTensors(image.view(1, 3, 32, 32).repeat(256, 1, 1, 1),
+                        torch.zeros(256, dtype=torch.int64))
+    loader = BatchLoader(data, batch_size=256, augment=True,
+                         generator=torch.Generator().manual_seed(0))
+    augmented, _ = next(iter(loader))
+    plain, _ = next(iter(BatchLoader(data, batch_size=256)))
+    assert augmented.shape == plain.shape
+    assert not torch.equal(augmented, plain)
+    # Some outputs are the untouched image, and the central 24×24 of any output
+    # is the original or its mirror shifted by at most 4 pixels.
+    assert any(torch.equal(a, plain[0]) for a in augmented)
+    original, mirrored = plain[0], plain[0].flip(-1)
+    for out in augmented[:32]:
+        centre = out[:, 4:28, 4:28]
+        assert any(torch.equal(centre, src[:, 4 + dy:28 + dy, 4 + dx:28 + dx])
+                   for src in (original, mirrored)
+                   for dy in range(-4, 5) for dx in range(-4, 5))
+
+
+def test_train_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    data = random_tensors(64)
+    net = task.Net()
+    loader = BatchLoader(data, batch_size=16)
+    before, _ = task.test(net, loader)
+    task.train(net, BatchLoader(data, 16, shuffle=True), epochs=30, learning_rate=0.01,
+               momentum=0.9)
+    after, accuracy = task.test(net, loader)
+    assert after < before / 2
+    assert accuracy > 0.8  # 64 random images can be memorised
+
+
+def test_train_reports_each_epoch_and_proximal_term_limits_drift() -> None:
+    data = random_tensors(64)
+    seen = []
+    torch.manual_seed(0)
+    free = task.Net()
+    start = [p.detach().clone() for p in free.parameters()]
+    torch.manual_seed(0)
+    anchored = task.Net()
+
+    def drift(net: nn.Module) -> float:
+        return sum((p - s).pow(2).sum().item() for p, s in zip(net.parameters(), start))
+
+    task.train(free, BatchLoader(data, 16), 3, 0.05, 0.9,
+               on_epoch_end=lambda e, loss: seen.append(e))
+    task.train(anchored, BatchLoader(data, 16), 3, 0.05, 0.9, proximal_mu=10.0)
+    assert seen == [1, 2, 3]
+    assert drift(anchored) < drift(free)
+
+
+class FixedPrediction(nn.Module):
+    """Predicts class 0 for images whose first pixel is dark, class 1 otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = (x[:, 0, 0, 0] > 0).float()
+        return torch.stack([1 - bright, bright] + [torch.zeros_like(bright)] * 8, dim=1)
+
+
+def test_test_computes_accuracy_and_loss() -> None:
+    images = torch.zeros(5, 3, 32, 32, dtype=torch.uint8)
+    images[[1, 3], 0, 0, 0] = 255  # images 1 and 3 are "bright" -> predicted class 1
+    labels = torch.tensor([0, 1, 1, 0, 0])  # right: 0, 1, 4; wrong: 2, 3
+    loss, accuracy = task.test(FixedPrediction(), BatchLoader(ImageTensors(images, labels), 2))
+    assert accuracy == pytest.approx(3 / 5)
+    logits = FixedPrediction()(torch.where(images > 0, 1.0, -1.0))
+    expected = nn.functional.cross_entropy(logits, labels).item()
+    assert loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_image_tensors_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        ImageTensors(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="labels"):
+        ImageTensors(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(3))
+    with pytest.raises(ValueError, match="empty"):
+        task.test(task.Net(), BatchLoader(random_tensors(0), 4))
