@@ -24,16 +24,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 DISABLE_INSTALL_ENV = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
 DISABLE_INSTALL_FLAG = "--disable-runtime-dependency-installation"
 
 
-def control_api_address() -> str:
+def control_api_address(environ: Mapping[str, str] = os.environ) -> str:
     # flwr reads the same variable, so tests and users can move the managed SuperLink.
-    return f"127.0.0.1:{os.environ.get('FLWR_LOCAL_CONTROL_API_PORT', '39093')}"
+    return f"127.0.0.1:{environ.get('FLWR_LOCAL_CONTROL_API_PORT', '39093')}"
 
 
 def _read_proc(pid: int, name: str) -> bytes:
@@ -47,9 +47,9 @@ def _pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
 
 
-def managed_superlink_pids() -> list[int]:
-    """PIDs of the managed local SuperLink serving this control API address."""
-    address = control_api_address().encode()
+def managed_superlink_pids(environ: Mapping[str, str] = os.environ) -> list[int]:
+    """PIDs of the managed local SuperLink whose control API ``environ`` selects."""
+    address = control_api_address(environ).encode()
     found = []
     for pid in _pids():
         args = _read_proc(pid, "cmdline").split(b"\0")

@@ -24,6 +24,8 @@ RESULTS_FILE = "results.json"
 FINAL_MODEL_FILE = "model_final.pt"
 BEST_MODEL_FILE = "model_best.pt"
 PLOT_FILE = "accuracy.png"
+# Comparison plots count training samples in CIFAR-10 epochs.
+SAMPLES_PER_EPOCH = 50_000
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -118,12 +120,13 @@ def plot_accuracy(runs: list[dict[str, Any]], path: Path, labels: list[str] | No
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, run in enumerate(runs):
         points = [e for e in run["entries"] if e.get("test_accuracy") is not None]
-        key = "epochs_of_data" if by_epochs_of_data else run["unit"]
-        xs = [e.get(key, 0) for e in points]
+        xs = ([e.get("samples_trained", 0) / SAMPLES_PER_EPOCH for e in points]
+              if by_epochs_of_data else [e[run["unit"]] for e in points])
         label = labels[i] if labels else f"{run['kind']} ({run['run_config'].get('partitioner', 'all data')})"
         ax.plot(xs, [100 * e["test_accuracy"] for e in points], marker="o", markersize=3,
                 label=label)
-    ax.set_xlabel("epochs of training data" if by_epochs_of_data else runs[0]["unit"])
+    ax.set_xlabel(f"training samples seen (CIFAR-10 epochs of {SAMPLES_PER_EPOCH:,})"
+                  if by_epochs_of_data else runs[0]["unit"])
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
