@@ -62,15 +62,15 @@ def _not_empty(value: str) -> str | None:
 class RunConfig:
     """Every knob of a run. Keys are the field names with '-' for '_'."""
 
-    num_server_rounds: int = _setting(8, "Federated rounds.", _at_least(1))
-    fraction_train: float = _setting(1.0, "Fraction of nodes that train each round.", _fraction)
+    num_server_rounds: int = _setting(14, "Federated rounds.", _at_least(1))
+    fraction_train: float = _setting(0.5, "Fraction of nodes that train each round.", _fraction)
     fraction_evaluate: float = _setting(
         0.5, "Fraction of nodes that evaluate on their validation split each round.", _fraction)
     min_available_nodes: int = _setting(
         2, "Nodes that must be connected before a round starts.", _at_least(1))
-    local_epochs: int = _setting(1, "Epochs each node trains per round.", _at_least(1))
+    local_epochs: int = _setting(2, "Epochs each node trains per round.", _at_least(1))
     batch_size: int = _setting(32, "Training and evaluation batch size.", _at_least(1))
-    learning_rate: float = _setting(0.02, "SGD learning rate (client side).", _positive)
+    learning_rate: float = _setting(0.01, "SGD learning rate (client side).", _positive)
     momentum: float = _setting(0.9, "SGD momentum (client side).", _unit_right_open)
     weight_decay: float = _setting(0.0, "SGD weight decay (client side).", _at_least(0))
     augment: bool = _setting(
