@@ -68,6 +68,15 @@ class RunConfig:
         0.5, "Fraction of nodes that evaluate on their validation split each round.", _fraction)
     min_available_nodes: int = _setting(
         2, "Nodes that must be connected before a round starts.", _at_least(1))
+    node_wait_timeout: float = _setting(
+        120.0, "Seconds a round waits for min-available-nodes before the run fails.",
+        _positive)
+    round_timeout: float = _setting(
+        600.0, "Seconds a round waits for replies; nodes that have not replied count as "
+        "failed.", _positive)
+    resume_from: str = _setting(
+        "", "A checkpoint.pt (or the run folder holding it) to continue from; empty: start "
+        "afresh.")
     local_epochs: int = _setting(2, "Epochs each node trains per round.", _at_least(1))
     batch_size: int = _setting(32, "Training and evaluation batch size.", _at_least(1))
     learning_rate: float = _setting(0.01, "SGD learning rate (client side).", _positive)

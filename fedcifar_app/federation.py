@@ -1,0 +1,357 @@
+"""A real Flower deployment on this machine: one SuperLink, N SuperNodes, loopback.
+
+    python -m fedcifar_app.federation up --nodes 3 [--tls] [--auth] [--data DIR]
+    python -m fedcifar_app.federation down
+    flwr run . local-deployment --stream
+
+``up`` starts ``flower-superlink`` and ``flower-supernode`` processes on free
+loopback ports, writes the ``[superlink.<name>]`` connection into the Flower
+configuration file ($FLWR_HOME/config.toml) and records every PID in the
+federation's state folder; ``down`` stops exactly those processes. ``--tls``
+makes a CA and a server certificate for localhost/127.0.0.1 and serves TLS with
+them; ``--auth`` makes one key pair per SuperNode, enables SuperNode
+authentication and registers the public keys. With ``--data DIR`` each node gets
+its own data folder (a split of DIR/train.parquet, as real sites hold their own
+data) passed as ``--node-config "data-path='...'"``; without it, nodes get
+``partition-id``/``num-partitions`` of the run's ``dataset``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from fedcifar_app.local_simulation import stop_process_tree
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+DEFAULT_NAME = "local-deployment"
+STATE_FILE = "federation.json"
+STARTUP_TIMEOUT = 30.0
+
+
+def flwr_home() -> Path:
+    return Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser().resolve()
+
+
+def state_dir(name: str) -> Path:
+    return flwr_home() / "fedcifar-federations" / name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Federation:
+    """What ``up`` started: enough for ``down``, tests and ``flwr run``."""
+
+    name: str
+    directory: str
+    superlink_port: int
+    nodes: int
+    superlink_pid: int = 0
+    supernode_pids: list[int] = field(default_factory=list)
+    node_data: list[str] = field(default_factory=list)
+    tls: bool = False
+    auth: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.superlink_port}"
+
+    def path(self, *parts: str) -> Path:
+        return Path(self.directory, *parts)
+
+    def save(self) -> None:
+        self.path(STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, name: str) -> Federation:
+        return cls(**json.loads((state_dir(name) / STATE_FILE).read_text()))
+
+
+# ---------------------------------------------------------------- certificates, keys
+
+def write_tls_files(directory: Path) -> None:
+    """ca.crt, server.pem and server.key for localhost and 127.0.0.1 (one day)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_cert = (x509.CertificateBuilder().subject_name(name("fedcifar test CA"))
+               .issuer_name(name("fedcifar test CA")).public_key(ca_key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                       x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server_cert = (x509.CertificateBuilder().subject_name(name("localhost"))
+                   .issuer_name(ca_cert.subject).public_key(server_key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(san, critical=False)
+                   .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (directory / "ca.crt").write_bytes(ca_cert.public_bytes(pem))
+    (directory / "server.pem").write_bytes(server_cert.public_bytes(pem))
+    (directory / "server.key").write_bytes(server_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def write_node_keys(directory: Path, stem: str) -> tuple[Path, Path]:
+    """An EC P-384 key pair in OpenSSH format, as flower-supernode expects."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = directory / stem, directory / f"{stem}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    private.chmod(0o600)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH))
+    return private, public
+
+
+# ---------------------------------------------------------------- data, processes
+
+def split_node_data(source: Path, directory: Path, nodes: int, seed: int) -> list[Path]:
+    """Write an IID split of source/train.parquet into one folder per node."""
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    train = datasets.load_dataset(str(source), split="train").shuffle(seed=seed)
+    partitioner = IidPartitioner(num_partitions=nodes)
+    partitioner.dataset = train
+    folders = []
+    for node in range(nodes):
+        folder = directory / f"node-{node}"
+        folder.mkdir(parents=True, exist_ok=True)
+        partitioner.load_partition(node).to_parquet(str(folder / "train.parquet"))
+        folders.append(folder)
+    return folders
+
+
+def _start(command: list[str], log_file: Path) -> int:
+    with open(log_file, "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    return process.pid
+
+
+def _wait_for_port(port: int, pid: int, log_file: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            raise RuntimeError(f"the SuperLink exited during start-up; see {log_file}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"the SuperLink did not listen on port {port} within "
+                       f"{STARTUP_TIMEOUT:g} s; see {log_file}")
+
+
+def _flwr(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["flwr", *args], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def write_connection(federation: Federation) -> Path:
+    """Add or replace [superlink.<name>] in the Flower configuration file."""
+    path = flwr_home() / "config.toml"
+    config = tomllib.loads(path.read_text()) if path.exists() else {
+        "superlink": {"default": "local", "local": {"address": ":local:"}}}
+    connection: dict[str, object] = {"address": federation.address}
+    if federation.tls:
+        connection["root-certificates"] = str(federation.path("ca.crt"))
+    else:
+        connection["insecure"] = True
+    config.setdefault("superlink", {})[federation.name] = connection
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+def remove_connection(name: str) -> None:
+    path = flwr_home() / "config.toml"
+    if path.exists():
+        config = tomllib.loads(path.read_text())
+        if config.get("superlink", {}).pop(name, None) is not None:
+            path.write_text(tomli_w.dumps(config))
+
+
+# ---------------------------------------------------------------- up, down
+
+def up(nodes: int, name: str = DEFAULT_NAME, tls: bool = False, auth: bool = False,
+       data: Path | None = None, seed: int = 42) -> Federation:
+    """Start a SuperLink and ``nodes`` SuperNodes; return what was started."""
+    directory = state_dir(name)
+    if (directory / STATE_FILE).exists():
+        raise RuntimeError(f"federation '{name}' is already up ({directory}); "
+                           f"stop it with: python -m fedcifar_app.federation down --name {name}")
+    directory.mkdir(parents=True, exist_ok=True)
+    federation = Federation(name=name, directory=str(directory), superlink_port=free_port(),
+                            nodes=nodes, tls=tls, auth=auth)
+    federation.save()  # from here on, `down` can clean up whatever was started
+    try:
+        _start_superlink(federation)
+        write_connection(federation)
+        if data is not None:
+            federation.node_data = [str(p) for p in split_node_data(
+                data, directory / "data", nodes, seed)]
+        for _ in range(nodes):
+            add_supernode(federation)
+    except BaseException:
+        down(name)
+        raise
+    return federation
+
+
+def _start_superlink(federation: Federation) -> None:
+    command = ["flower-superlink", "--host", "127.0.0.1",
+               "--port", str(federation.superlink_port),
+               "--database", str(federation.path("superlink.db")),
+               # Nodes run the app with the packages `pip install -e .` installed.
+               "--disable-runtime-dependency-installation"]
+    if federation.tls:
+        write_tls_files(federation.path())
+        command += ["--ssl-ca-certfile", str(federation.path("ca.crt")),
+                    "--ssl-certfile", str(federation.path("server.pem")),
+                    "--ssl-keyfile", str(federation.path("server.key"))]
+    else:
+        command.append("--insecure")
+    if federation.auth:
+        command.append("--enable-supernode-auth")
+    log_file = federation.path("superlink.log")
+    federation.superlink_pid = _start(command, log_file)
+    federation.save()
+    _wait_for_port(federation.superlink_port, federation.superlink_pid, log_file)
+
+
+def add_supernode(federation: Federation, register: bool = True) -> int:
+    """Start one more SuperNode; return its PID.
+
+    With auth, ``register=False`` leaves its key unregistered, which the SuperLink
+    must refuse.
+    """
+    node = len(federation.supernode_pids)
+    num_partitions = federation.nodes
+    if federation.node_data:
+        node_config = f"data-path='{federation.node_data[node % num_partitions]}'"
+    else:
+        node_config = f"partition-id={node % num_partitions} num-partitions={num_partitions}"
+    threads = max(1, (os.cpu_count() or 1) // num_partitions)
+    command = ["flower-supernode", "--superlink", federation.address,
+               "--port", str(free_port()),
+               "--node-config", f"{node_config} torch-threads={threads}"]
+    if federation.tls:
+        command += ["--root-certificates", str(federation.path("ca.crt"))]
+    else:
+        command.append("--insecure")
+    if federation.auth:
+        private, public = write_node_keys(federation.path(), f"node-{node}-key")
+        command += ["--auth-supernode-private-key", str(private)]
+        if register:
+            registered = _flwr("supernode", "register", str(public), federation.name)
+            if registered.returncode != 0:
+                raise RuntimeError(f"`flwr supernode register` failed: "
+                                   f"{registered.stdout}{registered.stderr}")
+    pid = _start(command, federation.path(f"supernode-{node}.log"))
+    federation.supernode_pids.append(pid)
+    federation.save()
+    return pid
+
+
+def down(name: str = DEFAULT_NAME) -> None:
+    """Stop the processes ``up`` started for ``name`` and forget the connection."""
+    directory = state_dir(name)
+    if not (directory / STATE_FILE).exists():
+        raise RuntimeError(f"no federation '{name}' is up (nothing in {directory})")
+    federation = Federation.load(name)
+    for pid in [*federation.supernode_pids, federation.superlink_pid]:
+        if pid and _is_ours(pid):
+            stop_process_tree(pid)
+    remove_connection(name)
+    (directory / STATE_FILE).unlink()
+
+
+def _is_ours(pid: int) -> bool:
+    """Guard against a recycled PID: only stop Flower processes."""
+    try:
+        return b"flower-super" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedcifar_app.federation",
+                                     description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("up", help="start a SuperLink and SuperNodes")
+    start.add_argument("--nodes", type=int, default=3, help="SuperNodes (default 3)")
+    start.add_argument("--tls", action="store_true", help="serve TLS with a generated CA")
+    start.add_argument("--auth", action="store_true",
+                       help="SuperNode authentication with generated, registered keys")
+    start.add_argument("--data", type=Path,
+                       help="folder with train.parquet to split into per-node folders")
+    start.add_argument("--seed", type=int, default=42, help="seed of the data split")
+    stop = commands.add_parser("down", help="stop what `up` started")
+    for sub in (start, stop):
+        sub.add_argument("--name", default=DEFAULT_NAME,
+                         help=f"connection name in config.toml (default {DEFAULT_NAME})")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "down":
+            down(args.name)
+            print(f"Stopped federation '{args.name}'.")
+            return 0
+        if args.nodes < 1:
+            parser.error("--nodes must be >= 1")
+        federation = up(args.nodes, args.name, args.tls, args.auth,
+                        args.data.resolve() if args.data else None, args.seed)
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    security = ", ".join(s for s, on in (("TLS", args.tls), ("SuperNode auth", args.auth))
+                         if on) or "insecure"
+    print(f"Federation '{args.name}' is up ({security}): SuperLink {federation.address} "
+          f"(PID {federation.superlink_pid}), {args.nodes} SuperNodes (PIDs "
+          f"{', '.join(map(str, federation.supernode_pids))}).\n"
+          f"State and logs: {federation.directory}\n"
+          f"Run:  flwr run . {args.name} --stream\n"
+          f"Stop: python -m fedcifar_app.federation down --name {args.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

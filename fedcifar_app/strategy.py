@@ -1,0 +1,211 @@
+"""Flower strategies made safe for real deployments.
+
+``build_strategy`` subclasses the configured Flower strategy (FedAvg, FedProx,
+FedAvgM, FedAdam) with ``SafeguardsMixin``, which adds what Flower 1.42 leaves to
+the app, without copying the strategy's loop:
+
+* waiting for nodes is bounded by ``node-wait-timeout``; too few nodes fail the run;
+* training replies whose arrays are not a finite copy of the global model's
+  layout (missing or extra keys, other shapes or dtypes, NaN/Inf) or that lack a
+  positive ``num-examples`` are dropped and logged, never aggregated;
+* a round with no usable training reply fails the run instead of silently
+  keeping the old model;
+* every round's global model and round number go to ``checkpoint.pt``, from
+  which ``resume-from`` continues;
+* per-round metrics, reply and failure counts go to results.json.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+
+from fedcifar_app.config import RunConfig
+from fedcifar_app.results import RunRecorder
+
+CHECKPOINT_FILE = "checkpoint.pt"
+STRATEGY_CLASSES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM,
+                    "fedadam": FedAdam}
+
+
+class RunFailedError(RuntimeError):
+    """The run cannot go on: too few nodes, or no usable training replies."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The global model after ``round`` rounds, as ``save_checkpoint`` wrote it."""
+
+    round: int
+    model: dict[str, torch.Tensor]
+    samples_trained: int
+    path: Path
+
+
+def load_checkpoint(location: str) -> Checkpoint:
+    """Read a checkpoint.pt, or the one in the run folder ``location`` names."""
+    path = Path(location).expanduser().resolve()
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"resume-from: no checkpoint at {path} (give a run folder "
+                                f"or its {CHECKPOINT_FILE}, as an absolute path)")
+    saved = torch.load(path, weights_only=True)
+    return Checkpoint(saved["round"], saved["model"], saved["samples_trained"], path)
+
+
+def update_problem(reply: Message, global_arrays: ArrayRecord) -> str | None:
+    """Why a (non-error) training reply must not be aggregated, or None if it may."""
+    content = reply.content
+    if "arrays" not in content.array_records:
+        return "no ArrayRecord 'arrays' in the reply"
+    metrics = content.metric_records.get("metrics")
+    examples = None if metrics is None else metrics.get("num-examples")
+    if not isinstance(examples, (int, float)) or not examples > 0:
+        return f"'num-examples' must be a positive number, got {examples!r}"
+    arrays = content.array_records["arrays"]
+    missing = sorted(set(global_arrays) - set(arrays))
+    extra = sorted(set(arrays) - set(global_arrays))
+    if missing or extra:
+        return f"keys differ from the global model (missing {missing}, unexpected {extra})"
+    for name, expected in global_arrays.items():
+        got = arrays[name]
+        if tuple(got.shape) != tuple(expected.shape) or got.dtype != expected.dtype:
+            return (f"'{name}' is {got.dtype}{list(got.shape)}, the global model has "
+                    f"{expected.dtype}{list(expected.shape)}")
+        values = got.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            return f"'{name}' holds NaN or Inf"
+    return None
+
+
+class SafeguardsMixin:
+    """Mixed in before a Flower strategy class; see the module docstring."""
+
+    recorder: RunRecorder
+    local_epochs: int
+    node_wait_timeout: float
+    checkpoint_path: Path
+    round_offset: int = 0  # rounds already done by the run this one resumes
+    samples_trained: int = 0
+    min_available_nodes: int
+    _global_arrays: ArrayRecord
+
+    def resume_from(self, checkpoint: Checkpoint) -> None:
+        """Number rounds and count samples on from where ``checkpoint`` stopped."""
+        self.round_offset = checkpoint.round
+        self.samples_trained = checkpoint.samples_trained
+
+    def wait_for_nodes(self, grid: Grid) -> None:
+        """Return once min-available-nodes are connected; fail after the timeout."""
+        deadline = time.monotonic() + self.node_wait_timeout
+        while (connected := len(list(grid.get_node_ids()))) < self.min_available_nodes:
+            if time.monotonic() >= deadline:
+                raise RunFailedError(
+                    f"only {connected} of the {self.min_available_nodes} nodes the run needs "
+                    f"(min-available-nodes) connected within {self.node_wait_timeout:g} s "
+                    "(node-wait-timeout): start more SuperNodes or lower min-available-nodes")
+            log(INFO, "Waiting for nodes: %d of %d connected", connected,
+                self.min_available_nodes)
+            time.sleep(1)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.wait_for_nodes(grid)
+        self._global_arrays = arrays
+        return super().configure_train(  # type: ignore[misc]
+            server_round + self.round_offset, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.wait_for_nodes(grid)
+        return super().configure_evaluate(  # type: ignore[misc]
+            server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+        server_round += self.round_offset
+        replies = list(replies)
+        errors = [r for r in replies if r.has_error()]
+        usable, rejected = [], []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            problem = update_problem(reply, self._global_arrays)
+            if problem is None:
+                usable.append(reply)
+            else:
+                rejected.append(reply)
+                log(WARNING, "Round %d: dropped the update of node %d: %s", server_round,
+                    reply.metadata.src_node_id, problem)
+        self.recorder.record(server_round, train_replies=len(usable),
+                             train_failures=len(errors), train_rejected=len(rejected))
+        if not usable:
+            raise RunFailedError(
+                f"round {server_round}: none of the {len(replies)} training replies could be "
+                f"aggregated ({len(errors)} failed, {len(rejected)} rejected); stopping "
+                "instead of carrying the old model forward")
+        arrays, metrics = super().aggregate_train(  # type: ignore[misc]
+            server_round, [*usable, *errors])
+        self.samples_trained += self.local_epochs * sum(
+            int(r.content["metrics"]["num-examples"]) for r in usable)
+        self.recorder.record(server_round, train=dict(metrics or {}),
+                             samples_trained=self.samples_trained)
+        self.save_checkpoint(server_round, arrays)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Any:
+        server_round += self.round_offset
+        replies = list(replies)
+        metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+        failures = sum(r.has_error() for r in replies)
+        if failures == len(replies):
+            log(WARNING, "Round %d: no client evaluation succeeded", server_round)
+        self.recorder.record(server_round, evaluate=dict(metrics or {}),
+                             evaluate_replies=len(replies) - failures,
+                             evaluate_failures=failures)
+        return metrics
+
+    def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        checkpoint = {"round": server_round, "model": arrays.to_torch_state_dict(),
+                      "samples_trained": self.samples_trained}
+        tmp = self.checkpoint_path.with_name(self.checkpoint_path.name + ".tmp")
+        torch.save(checkpoint, tmp)
+        tmp.replace(self.checkpoint_path)
+
+
+def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
+    """The configured Flower strategy with the safeguards mixed in."""
+    base = STRATEGY_CLASSES[config.strategy]
+    specific: dict[str, Any] = {
+        "fedavg": {},
+        "fedprox": {"proximal_mu": config.fedprox_mu},
+        "fedavgm": {"server_learning_rate": config.fedavgm_server_lr,
+                    "server_momentum": config.fedavgm_momentum},
+        "fedadam": {"eta": config.fedadam_eta, "tau": config.fedadam_tau},
+    }[config.strategy]
+    strategy_class = type(f"Safe{base.__name__}", (SafeguardsMixin, base), {})
+    strategy = strategy_class(
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        # Sample by fraction alone; min-available-nodes says how many must be connected.
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=config.min_available_nodes,
+        **specific,
+    )
+    strategy.recorder = recorder
+    strategy.local_epochs = config.local_epochs
+    strategy.node_wait_timeout = config.node_wait_timeout
+    strategy.checkpoint_path = recorder.run_dir / CHECKPOINT_FILE
+    return strategy

@@ -1,0 +1,176 @@
+"""Real deployments on loopback: a SuperLink and SuperNodes as separate processes.
+
+Every test gets its own FLWR_HOME and free ports from the launcher, and stops what
+it started by PID (``federation.down``), whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedcifar_app import federation as launcher
+from fedcifar_app.local_simulation import descendants
+from fedcifar_app.results import RESULTS_FILE, load_results
+from fedcifar_app.strategy import CHECKPOINT_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT = 300
+
+
+@pytest.fixture
+def flwr_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "flwr-home"
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def deploy(flwr_home: Path) -> Iterator:
+    """Start federations with launcher.up; stop them all at the end, by PID."""
+    started: list[launcher.Federation] = []
+
+    def start(nodes: int, **options: object) -> launcher.Federation:
+        started.append(launcher.up(nodes, **options))
+        return started[-1]
+
+    yield start
+    for federation in started:
+        pids = [federation.superlink_pid, *federation.supernode_pids]
+        tree = pids + [p for pid in pids for p in descendants(pid)]
+        if (Path(federation.directory) / launcher.STATE_FILE).exists():
+            launcher.down(federation.name)
+        assert not [pid for pid in tree if launcher._is_ours(pid)]
+
+
+def run_config(tiny_dataset: Path, tmp_path: Path, **values: object) -> str:
+    settings = {"dataset": str(tiny_dataset), "cache-dir": str(tmp_path / "cache"),
+                "output-dir": str(tmp_path / "out"), "num-server-rounds": 2,
+                "fraction-train": 1.0, "fraction-evaluate": 1.0, "local-epochs": 1,
+                **values}
+    return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                    for k, v in settings.items())
+
+
+def flwr(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["flwr", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def flwr_run(connection: str, config: str) -> tuple[subprocess.CompletedProcess, dict]:
+    done = flwr("run", ".", connection, "--stream", "--run-config", config,
+                timeout=RUN_TIMEOUT)
+    runs = json.loads(flwr("ls", connection, "--format", "json").stdout)["runs"]
+    return done, max(runs, key=lambda r: r["pending-at"])
+
+
+def online_nodes(connection: str) -> int:
+    listing = json.loads(flwr("supernode", "ls", connection, "--format", "json").stdout)
+    return sum(node["status"] == "online" for node in listing["nodes"])
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_insecure_nodes_with_their_own_data_complete_and_resume(
+        deploy, tiny_dataset: Path, tmp_path: Path, flwr_home: Path) -> None:
+    federation = deploy(2, data=tiny_dataset)
+    config_toml = (flwr_home / "config.toml").read_text()
+    assert f'address = "{federation.address}"' in config_toml and "insecure = true" in config_toml
+    assert len(federation.node_data) == 2
+    wait_for(lambda: online_nodes(federation.name) == 2, 30, "2 SuperNodes online")
+
+    done, status = flwr_run(federation.name, run_config(tiny_dataset, tmp_path))
+    assert status["status"] == "finished:completed", done.stdout + done.stderr
+    run_dir = tmp_path / "out" / f"flwr-run-{status['run-id']}"
+    results = load_results(run_dir)
+    assert [e["round"] for e in results["entries"]] == [0, 1, 2]
+    # Each node trained on its own folder: 200 images each, 10 % held out.
+    assert results["entries"][1]["samples_trained"] == 2 * 180
+    assert (run_dir / CHECKPOINT_FILE).exists()
+
+    resume = run_config(tiny_dataset, tmp_path, **{"num-server-rounds": 3,
+                                                   "resume-from": str(run_dir)})
+    done, status = flwr_run(federation.name, resume)
+    assert status["status"] == "finished:completed", done.stdout + done.stderr
+    resumed = load_results(tmp_path / "out" / f"flwr-run-{status['run-id']}")
+    assert [e["round"] for e in resumed["entries"]] == [0, 1, 2, 3]
+    assert resumed["resumed_from"]["round"] == 2
+    assert resumed["entries"][3]["samples_trained"] == 3 * 360
+
+
+def test_tls_with_supernode_auth_completes_and_refuses_unknown_keys(
+        deploy, tiny_dataset: Path, tmp_path: Path, flwr_home: Path) -> None:
+    federation = deploy(2, tls=True, auth=True)
+    assert "root-certificates" in (flwr_home / "config.toml").read_text()
+    wait_for(lambda: online_nodes(federation.name) == 2, 30, "2 SuperNodes online")
+
+    intruder = launcher.add_supernode(federation, register=False)
+    log = Path(federation.directory) / "superlink.log"
+    wait_for(lambda: "No SuperNode found with the given public key" in log.read_text(), 30,
+             "the SuperLink to refuse the unregistered key")
+    wait_for(lambda: not launcher._is_ours(intruder), 60, "the refused SuperNode to exit")
+    assert online_nodes(federation.name) == 2
+
+    done, status = flwr_run(federation.name, run_config(tiny_dataset, tmp_path))
+    assert status["status"] == "finished:completed", done.stdout + done.stderr
+    results = load_results(tmp_path / "out" / f"flwr-run-{status['run-id']}")
+    assert all(e["train_replies"] == 2 for e in results["entries"][1:])
+
+
+def test_a_supernode_killed_in_round_one_is_counted_and_the_run_completes(
+        deploy, tiny_dataset: Path, tmp_path: Path) -> None:
+    federation = deploy(3)
+    wait_for(lambda: online_nodes(federation.name) == 3, 30, "3 SuperNodes online")
+    config = run_config(tiny_dataset, tmp_path, **{
+        "num-server-rounds": 3, "min-available-nodes": 2, "round-timeout": 60.0,
+        # Long enough local training that the kill lands inside round 1.
+        "local-epochs": 60})
+    run = subprocess.Popen(["flwr", "run", ".", federation.name, "--stream",
+                            "--run-config", config], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        out = tmp_path / "out"
+        # The initial evaluation (round 0) is written just before round 1 is sent out.
+        wait_for(lambda: any(out.glob(f"flwr-run-*/{RESULTS_FILE}")), 120,
+                 "the run to start")
+        time.sleep(2)
+        victim = federation.supernode_pids[0]
+        launcher.stop_process_tree(victim)
+        output, _ = run.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        run.kill()
+    runs = json.loads(flwr("ls", federation.name, "--format", "json").stdout)["runs"]
+    assert runs[0]["status"] == "finished:completed", output
+    (run_dir,) = out.glob("flwr-run-*")
+    results = load_results(run_dir)
+    assert [e["round"] for e in results["entries"]] == [0, 1, 2, 3]
+    round_one = results["entries"][1]
+    assert round_one["train_failures"] >= 1 and round_one["train_replies"] == 2
+    assert results["status"] == "completed"
+
+
+def test_too_few_nodes_fail_within_the_wait(deploy, tiny_dataset: Path,
+                                            tmp_path: Path) -> None:
+    federation = deploy(1)
+    wait_for(lambda: online_nodes(federation.name) == 1, 30, "1 SuperNode online")
+    started = time.monotonic()
+    done, status = flwr_run(federation.name, run_config(
+        tiny_dataset, tmp_path, **{"min-available-nodes": 2, "node-wait-timeout": 5.0}))
+    assert status["status"] == "finished:failed"
+    assert "only 1 of the 2 nodes the run needs (min-available-nodes) connected within 5 s" \
+        in done.stdout + done.stderr
+    assert time.monotonic() - started < 60
+    (run_dir,) = (tmp_path / "out").glob("flwr-run-*")
+    assert load_results(run_dir)["status"] == "failed"

@@ -1,0 +1,139 @@
+"""The strategy safeguards: update filter, loud failure, bounded waits, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedcifar_app import task
+from fedcifar_app.config import RunConfig
+from fedcifar_app.results import RunRecorder
+from fedcifar_app.strategy import (RunFailedError, build_strategy, load_checkpoint,
+                                   update_problem)
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attribute, value in {"_run_id": 1, "_node_id": 0, "_task_id": 1}.items():
+        monkeypatch.setattr(TaskIdentity, attribute, value)
+
+
+def state_dict() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return task.Net().state_dict()
+
+
+def reply(arrays: dict[str, torch.Tensor] | None, num_examples: object = 10,
+          node: int = 5) -> Message:
+    content = RecordDict({"metrics": MetricRecord({"num-examples": num_examples,
+                                                   "train-loss": 1.0})})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord(arrays)
+    instruction = Message(content=RecordDict(), dst_node_id=node, message_type="train")
+    return Message(content=content, reply_to=instruction)
+
+
+GLOBAL = ArrayRecord(state_dict())
+
+
+def test_a_copy_of_the_global_layout_is_accepted() -> None:
+    assert update_problem(reply(state_dict()), GLOBAL) is None
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda s: s.update({"fc1.bias": torch.full_like(s["fc1.bias"], float("nan"))}),
+     "'fc1.bias' holds NaN or Inf"),
+    (lambda s: s.update({"conv1.weight": s["conv1.weight"] * float("inf")}),
+     "'conv1.weight' holds NaN or Inf"),
+    (lambda s: s.pop("fc3.weight"), "missing ['fc3.weight']"),
+    (lambda s: s.update({"extra": torch.zeros(1)}), "unexpected ['extra']"),
+    (lambda s: s.update({"fc2.weight": torch.zeros(84, 121)}),
+     "'fc2.weight' is float32[84, 121], the global model has float32[84, 120]"),
+    (lambda s: s.update({"fc2.bias": torch.zeros(84, dtype=torch.float64)}),
+     "'fc2.bias' is float64[84]"),
+    (lambda s: s.update({"fc3.bias": torch.zeros(1, 10)}), "'fc3.bias' is float32[1, 10]"),
+])
+def test_bad_updates_are_named(change, expected: str) -> None:
+    arrays = state_dict()
+    change(arrays)
+    problem = update_problem(reply(arrays), GLOBAL)
+    assert problem is not None and expected in problem
+
+
+def test_replies_without_arrays_or_examples_are_rejected() -> None:
+    assert "no ArrayRecord" in update_problem(reply(None), GLOBAL)
+    assert "'num-examples'" in update_problem(reply(state_dict(), num_examples=0), GLOBAL)
+
+
+def make_strategy(tmp_path: Path, **config: object):
+    run_config = RunConfig.from_mapping({"output-dir": str(tmp_path), **config})
+    recorder = RunRecorder(tmp_path / "run", "federated", "round", run_config.to_dict())
+    strategy = build_strategy(run_config, recorder)
+    strategy._global_arrays = GLOBAL
+    return strategy, recorder
+
+
+def test_aggregation_skips_bad_updates_and_counts_them(tmp_path: Path) -> None:
+    strategy, recorder = make_strategy(tmp_path)
+    good = {k: torch.ones_like(v) for k, v in state_dict().items()}
+    poisoned = {k: torch.full_like(v, float("nan")) for k, v in state_dict().items()}
+    wrong_shape = dict(good, **{"fc3.weight": torch.ones(10, 85)})
+    arrays, _ = strategy.aggregate_train(1, [reply(good, node=1), reply(poisoned, node=2),
+                                             reply(wrong_shape, node=3)])
+    aggregated = arrays.to_torch_state_dict()
+    assert all(torch.equal(aggregated[k], good[k]) for k in good)
+    entry = recorder.entries[0]
+    assert (entry["train_replies"], entry["train_rejected"], entry["train_failures"]) == (1, 2, 0)
+
+
+def test_a_round_without_usable_updates_fails_the_run(tmp_path: Path) -> None:
+    strategy, _ = make_strategy(tmp_path)
+    poisoned = {k: torch.full_like(v, float("nan")) for k, v in state_dict().items()}
+    with pytest.raises(RunFailedError, match="none of the 1 training replies"):
+        strategy.aggregate_train(1, [reply(poisoned)])
+    with pytest.raises(RunFailedError, match="none of the 0 training replies"):
+        strategy.aggregate_train(2, [])
+
+
+class FakeGrid:
+    def __init__(self, nodes: int) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.nodes + 1))
+
+
+def test_waiting_for_nodes_is_bounded(tmp_path: Path) -> None:
+    strategy, _ = make_strategy(tmp_path, **{"min-available-nodes": 3,
+                                             "node-wait-timeout": 1.0})
+    with pytest.raises(RunFailedError, match="only 2 of the 3 nodes .* within 1 s"):
+        strategy.configure_train(1, GLOBAL, ConfigRecord(), FakeGrid(2))
+    assert strategy.configure_train(1, GLOBAL, ConfigRecord(), FakeGrid(3))
+
+
+def test_each_round_is_checkpointed_and_resumable(tmp_path: Path) -> None:
+    strategy, _ = make_strategy(tmp_path)
+    good = {k: torch.full_like(v, 0.5) for k, v in state_dict().items()}
+    strategy.aggregate_train(1, [reply(good)])
+    checkpoint = load_checkpoint(str(tmp_path / "run"))
+    assert checkpoint.round == 1 and checkpoint.samples_trained == 20  # 2 local epochs
+    assert all(torch.equal(checkpoint.model[k], good[k]) for k in good)
+
+    resumed, recorder = make_strategy(tmp_path / "again")
+    resumed.resume_from(checkpoint)
+    resumed._global_arrays = GLOBAL
+    resumed.aggregate_train(1, [reply(good)])  # Flower's round 1 of the rest is round 2
+    assert recorder.entries[0]["round"] == 2
+    assert recorder.entries[0]["samples_trained"] == 40
+    assert load_checkpoint(str(tmp_path / "again" / "run" / "checkpoint.pt")).round == 2
+
+
+def test_a_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="resume-from"):
+        load_checkpoint(str(tmp_path / "nothing-here"))
