@@ -12,7 +12,6 @@ import argparse
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
-from typing import Any
 
 import torch
 from tqdm import tqdm

@@ -122,7 +122,8 @@ def plot_accuracy(runs: list[dict[str, Any]], path: Path, labels: list[str] | No
         points = [e for e in run["entries"] if e.get("test_accuracy") is not None]
         xs = ([e.get("samples_trained", 0) / SAMPLES_PER_EPOCH for e in points]
               if by_epochs_of_data else [e[run["unit"]] for e in points])
-        label = labels[i] if labels else f"{run['kind']} ({run['run_config'].get('partitioner', 'all data')})"
+        split = run["run_config"].get("partitioner", "all data")
+        label = labels[i] if labels else f"{run['kind']} ({split})"
         ax.plot(xs, [100 * e["test_accuracy"] for e in points], marker="o", markersize=3,
                 label=label)
     ax.set_xlabel(f"training samples seen (CIFAR-10 epochs of {SAMPLES_PER_EPOCH:,})"

@@ -7,7 +7,6 @@ it started by PID (``federation.down``), whatever the outcome.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator

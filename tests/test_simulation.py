@@ -74,8 +74,8 @@ def test_flwr_run_completes_and_writes_results(local_simulation: dict[str, str],
                                                tiny_dataset: Path, tmp_path: Path) -> None:
     run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
                   f"output-dir='{tmp_path / 'out'}' num-server-rounds=2 "
-                  "fraction-train=1.0 fraction-evaluate=1.0 min-available-nodes=3 partitioner='dirichlet' "
-                  "dirichlet-alpha=0.3")
+                  "fraction-train=1.0 fraction-evaluate=1.0 min-available-nodes=3 "
+                  "partitioner='dirichlet' dirichlet-alpha=0.3")
     done, status = flwr_run(local_simulation, run_config)
     assert done.returncode == 0, done.stdout + done.stderr
     assert status["status"] == "finished:completed", done.stdout

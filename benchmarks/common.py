@@ -1,0 +1,89 @@
+"""Helpers shared by the benchmark scripts: machine facts, running flwr, RSS sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> dict[str, Any]:
+    import flwr
+    import torch
+
+    memory_kb = int(next(line.split()[1] for line in open("/proc/meminfo")
+                         if line.startswith("MemTotal")))
+    return {"cores": os.cpu_count(), "memory_gib": round(memory_kb / 2**20, 1),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "flwr": flwr.__version__}
+
+
+def process_tree_rss(root_pids: list[int]) -> int:
+    """Summed resident memory (bytes) of ``root_pids`` and all their descendants."""
+    from fedcifar_app.local_simulation import descendants
+
+    total = 0
+    for pid in {p for root in root_pids for p in (root, *descendants(root))}:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+class PeakRss:
+    """Samples the RSS of a process tree every ``interval`` seconds in a thread."""
+
+    def __init__(self, root_pids_fn, interval: float = 0.5) -> None:
+        self.root_pids_fn, self.interval, self.peak = root_pids_fn, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, process_tree_rss(self.root_pids_fn()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def flwr_run(run_config: str, federation_config: str | None = None,
+             timeout: float = 3600) -> tuple[float, Path, str]:
+    """``flwr run . --stream``; return (wall seconds, run folder, output)."""
+    command = ["flwr", "run", ".", "--stream", "--run-config", run_config]
+    if federation_config:
+        command += ["--federation-config", federation_config]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    marker = "outputs of this run: "
+    lines = [line for line in done.stdout.splitlines() if marker in line]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"flwr run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return wall, Path(lines[-1].split(marker, 1)[1].strip()), done.stdout
+
+
+def load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
