@@ -78,6 +78,24 @@ def flwr_run(run_config: str, federation_config: str | None = None,
     return wall, Path(lines[-1].split(marker, 1)[1].strip()), done.stdout
 
 
+def add_data_arguments(parser) -> None:
+    """--dataset, --cache-dir and --out, which every benchmark takes."""
+    parser.add_argument("--dataset", required=True,
+                        help="Hub id, or a folder with train.parquet and test.parquet")
+    parser.add_argument("--cache-dir", default="~/.cache/fedcifar",
+                        help="decoded-image cache (default ~/.cache/fedcifar)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                        help="where results and run folders go (default benchmarks/results)")
+
+
+def data_config(args, output_dir: Path) -> str:
+    """The run-config overrides that point a run at the benchmark's data and folders."""
+    dataset = Path(args.dataset)
+    source = str(dataset.resolve()) if dataset.exists() else args.dataset
+    cache = Path(args.cache_dir).expanduser().resolve()
+    return f"dataset='{source}' cache-dir='{cache}' output-dir='{output_dir}'"
+
+
 def load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 

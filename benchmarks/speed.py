@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, flwr_run, load, machine, save
+from common import ROOT, add_data_arguments, data_config, flwr_run, load, machine, save
 from throughput import bare_loop
 
 from fedcifar_app.config import expand_path
@@ -61,10 +61,10 @@ def measure_centralized(dataset: str, cache_dir: Path, out: Path, epochs: int) -
             "samples_per_s_in_epochs": samples / sum(epoch_seconds)}
 
 
-def measure_federated(dataset: str, cache_dir: Path, out: Path, rounds: int) -> dict:
+def measure_federated(args: argparse.Namespace, out: Path, rounds: int) -> dict:
     wall, run_dir, _ = flwr_run(
-        f"dataset='{dataset}' cache-dir='{cache_dir}' output-dir='{out / 'runs'}' "
-        f"num-server-rounds={rounds} fraction-train=1.0 local-epochs=1",
+        f"{data_config(args, out / 'runs')} num-server-rounds={rounds} fraction-train=1.0 "
+        "local-epochs=1",
         federation_config=f"num-supernodes={CLIENTS} client-resources-num-cpus=1")
     entries = load(run_dir / "results.json")["entries"]
     round_seconds = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(entries, entries[1:])]
@@ -79,10 +79,8 @@ def measure_federated(dataset: str, cache_dir: Path, out: Path, rounds: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--cache-dir", default="~/.cache/fedcifar")
+    add_data_arguments(parser)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     dataset = str(Path(args.dataset).resolve()) if Path(args.dataset).exists() else args.dataset
     cache_dir = expand_path(args.cache_dir)
@@ -93,7 +91,7 @@ def main() -> None:
     report = {"machine": machine(), "command": " ".join(sys.argv),
               "limit": measure_limit(dataset, cache_dir, epochs),
               "centralized": measure_centralized(dataset, cache_dir, out, epochs),
-              "federated": measure_federated(dataset, cache_dir, out, args.rounds)}
+              "federated": measure_federated(args, out, args.rounds)}
     limit = report["limit"]["samples_per_s"]
     rows = [("compute limit (bare loop)", limit, report["limit"]["samples"]),
             ("centralized, end to end", report["centralized"]["samples_per_s_end_to_end"],

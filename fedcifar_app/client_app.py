@@ -36,6 +36,8 @@ def node_data(config: RunConfig, node_config: dict) -> tuple[ImageTensors, Image
             classes_per_partition=config.classes_per_partition,
             validation_fraction=config.validation_fraction,
             seed=config.seed,
+            dirichlet_min_partition_size=config.dirichlet_min_partition_size,
+            dirichlet_self_balancing=config.dirichlet_self_balancing,
         )
         return load_partition(config.dataset, config.cache_root, scheme,
                               int(node_config["partition-id"]))

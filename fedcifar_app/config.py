@@ -38,8 +38,8 @@ def _fraction(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
-def _open_unit(value: float) -> str | None:
-    return None if 0 < value < 1 else "must be in (0, 1)"
+def _unit_closed(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be in [0, 1]"
 
 
 def _unit_right_open(value: float) -> str | None:
@@ -65,7 +65,8 @@ class RunConfig:
     num_server_rounds: int = _setting(14, "Federated rounds.", _at_least(1))
     fraction_train: float = _setting(0.5, "Fraction of nodes that train each round.", _fraction)
     fraction_evaluate: float = _setting(
-        0.5, "Fraction of nodes that evaluate on their validation split each round.", _fraction)
+        0.5, "Fraction of nodes that evaluate on their validation split each round "
+        "(0: no client-side evaluation).", _unit_closed)
     min_available_nodes: int = _setting(
         2, "Nodes that must be connected before a round starts.", _at_least(1))
     node_wait_timeout: float = _setting(
@@ -100,8 +101,15 @@ class RunConfig:
         "more skewed.", _positive)
     classes_per_partition: int = _setting(
         2, "Labels each node holds (partitioner=pathological).", _between(1, 10))
+    dirichlet_min_partition_size: int = _setting(
+        10, "Smallest partition the Dirichlet partitioner accepts; it redraws (up to 10 "
+        "times) until every partition is at least this large.", _at_least(0))
+    dirichlet_self_balancing: bool = _setting(
+        False, "Stop giving a label to partitions that already hold more than an equal "
+        "share (flwr-datasets' self_balancing).")
     validation_fraction: float = _setting(
-        0.1, "Part of each node's data held out for its client-side evaluation.", _open_unit)
+        0.1, "Part of each node's data held out for its client-side evaluation (0: none; "
+        "then fraction-evaluate must be 0).", _unit_right_open)
     dataset: str = _setting(
         "uoft-cs/cifar10", "Hugging Face Hub id, or a local directory holding "
         "train.parquet and test.parquet in the same schema (use an absolute path).",
@@ -137,9 +145,19 @@ class RunConfig:
                 errors.append(f"'{key}' {problem}, got {value!r}")
                 continue
             parsed[spec.name] = coerced
+        if not errors:
+            config = cls(**parsed)
+            errors = config._inconsistencies()
         if errors:
             raise ConfigError("invalid run config:\n  " + "\n  ".join(errors))
-        return cls(**parsed)
+        return config
+
+    def _inconsistencies(self) -> list[str]:
+        """Problems of combinations of keys, each valid on its own."""
+        if self.validation_fraction == 0 and self.fraction_evaluate > 0:
+            return ["'validation-fraction' is 0, so nodes hold no validation data: set "
+                    "'fraction-evaluate' to 0 as well"]
+        return []
 
     def to_dict(self) -> dict[str, Any]:
         """The config as run-config keys (hyphenated), e.g. for results.json."""

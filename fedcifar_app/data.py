@@ -155,6 +155,8 @@ class PartitionScheme:
     classes_per_partition: int
     validation_fraction: float
     seed: int
+    dirichlet_min_partition_size: int = 10
+    dirichlet_self_balancing: bool = False
 
     def cache_name(self) -> str:
         digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
@@ -170,7 +172,9 @@ def _make_partitioner(scheme: PartitionScheme) -> Any:
     if scheme.partitioner == "dirichlet":
         return DirichletPartitioner(
             num_partitions=scheme.num_partitions, partition_by=LABEL_COLUMN,
-            alpha=scheme.dirichlet_alpha, seed=scheme.seed)
+            alpha=scheme.dirichlet_alpha, seed=scheme.seed,
+            min_partition_size=scheme.dirichlet_min_partition_size,
+            self_balancing=scheme.dirichlet_self_balancing)
     if scheme.partitioner == "pathological":
         return PathologicalPartitioner(
             num_partitions=scheme.num_partitions, partition_by=LABEL_COLUMN,
@@ -181,6 +185,8 @@ def _make_partitioner(scheme: PartitionScheme) -> Any:
 
 def _split_validation(rows: Any, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Hold out ``fraction`` of a partition (rows: a dataset with a 'row' column)."""
+    if fraction == 0:
+        return rows["row"], []
     if len(rows) < 2:
         raise DatasetUnavailableError(
             f"a partition of {len(rows)} example(s) cannot be split into training and "
@@ -200,8 +206,15 @@ def _compute_partitions(labels: torch.Tensor, scheme: PartitionScheme) -> dict[s
     partitioner.dataset = rows.shuffle(seed=scheme.seed)
     train_rows, validation_rows = [], []
     for partition_id in range(scheme.num_partitions):
-        train, validation = _split_validation(partitioner.load_partition(partition_id),
-                                              scheme.validation_fraction, scheme.seed)
+        try:
+            partition = partitioner.load_partition(partition_id)
+        except ValueError as err:  # e.g. no Dirichlet draw met the minimum size
+            raise DatasetUnavailableError(
+                f"cannot split {len(labels)} examples into {scheme.num_partitions} "
+                f"'{scheme.partitioner}' partitions: {err} (for Dirichlet, a larger "
+                "dirichlet-alpha or a smaller dirichlet-min-partition-size helps)") from err
+        train, validation = _split_validation(partition, scheme.validation_fraction,
+                                              scheme.seed)
         train_rows.append(torch.tensor(train, dtype=torch.int64))
         validation_rows.append(torch.tensor(validation, dtype=torch.int64))
     return {"train": train_rows, "validation": validation_rows}

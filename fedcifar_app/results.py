@@ -76,6 +76,14 @@ class RunRecorder:
         self.write()
         return entry
 
+    def restore(self, entries: list[dict[str, Any]]) -> None:
+        """Start from an earlier run's entries (resume); its best model stays there."""
+        self.entries = [dict(entry) for entry in entries]
+        scored = [e for e in self.entries if e.get("test_accuracy") is not None]
+        if scored:
+            best = max(scored, key=lambda e: e["test_accuracy"])
+            self.best_accuracy, self.best_index = best["test_accuracy"], best[self.unit]
+
     def finish(self, final_state_dict: dict[str, torch.Tensor] | None,
                status: str = "completed") -> None:
         self.status = status

@@ -68,13 +68,15 @@ def main(grid: Grid, context: Context) -> None:
         strategy.resume_from(checkpoint)
         recorder.extra["resumed_from"] = {"checkpoint": str(checkpoint.path),
                                           "round": checkpoint.round}
-        recorder.entries = _earlier_entries(checkpoint)
+        recorder.restore(_earlier_entries(checkpoint))
 
     def evaluate_global_model(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         net.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = task.test(net, test_loader)
-        recorder.record(server_round + strategy.round_offset, net.state_dict(),
-                        test_loss=loss, test_accuracy=accuracy)
+        # A resumed run's starting model was evaluated, and recorded, by the first run.
+        if server_round > 0 or checkpoint is None:
+            recorder.record(server_round + strategy.round_offset, net.state_dict(),
+                            test_loss=loss, test_accuracy=accuracy)
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
 
     try:

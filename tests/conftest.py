@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from fedcifar_app.local_simulation import (installs_dependencies, managed_superlink_pids,
+                                           stop_process_tree)
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT = 420
 
 LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                "ship", "truck"]
@@ -65,3 +77,46 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def flower_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    home = tmp_path_factory.mktemp("flwr-home")
+    env = {**os.environ, "FLWR_HOME": str(home),
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)
+    try:
+        yield env
+    finally:
+        for pid in managed_superlink_pids(env):
+            stop_process_tree(pid)
+        assert managed_superlink_pids(env) == []
+
+
+def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT)
+
+
+def flwr_run(env: dict[str, str], run_config: str) -> tuple[subprocess.CompletedProcess, dict]:
+    done = run(["flwr", "run", ".", "--run-config", run_config, "--stream",
+                "--format", "default"], env)
+    runs = json.loads(run(["flwr", "ls", "--format", "json"], env).stdout)["runs"]
+    return done, runs[0] if len(runs) == 1 else max(runs, key=lambda r: r["pending-at"])
+
+
+@pytest.fixture(scope="module")
+def local_simulation(flower_env: dict[str, str]) -> dict[str, str]:
+    done = run([sys.executable, "-m", "fedcifar_app.local_simulation", "--num-supernodes", "3"],
+               flower_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (pid,) = managed_superlink_pids(flower_env)
+    assert not installs_dependencies(pid)
+    return flower_env

@@ -107,3 +107,17 @@ def test_cache_follows_changes_to_local_files(tmp_path: Path, cache_dir: Path) -
     assert len(data.load_split(str(directory), "train", cache_dir)) == 20
     write_split(directory / "train.parquet", torch.arange(30).remainder(10).numpy(), 0)
     assert len(data.load_split(str(directory), "train", cache_dir)) == 30
+
+
+def test_no_validation_hold_out(tiny_dataset: Path, cache_dir: Path) -> None:
+    scheme = PartitionScheme("iid", 4, 1.0, 2, 0.0, 0)
+    train, validation = data.load_partition(str(tiny_dataset), cache_dir, scheme, 0)
+    assert (len(train), len(validation)) == (100, 0)
+
+
+def test_impossible_dirichlet_split_says_what_to_change(tiny_dataset: Path,
+                                                        cache_dir: Path) -> None:
+    scheme = PartitionScheme("dirichlet", 100, 0.05, 2, 0.1, 0,
+                             dirichlet_min_partition_size=10)
+    with pytest.raises(DatasetUnavailableError, match="dirichlet-min-partition-size"):
+        data.load_partition(str(tiny_dataset), cache_dir, scheme, 0)

@@ -106,6 +106,9 @@ def test_insecure_nodes_with_their_own_data_complete_and_resume(
     resumed = load_results(tmp_path / "out" / f"flwr-run-{status['run-id']}")
     assert [e["round"] for e in resumed["entries"]] == [0, 1, 2, 3]
     assert resumed["resumed_from"]["round"] == 2
+    assert resumed["entries"][:3] == results["entries"]
+    assert resumed["best"]["test_accuracy"] == max(e["test_accuracy"]
+                                                   for e in resumed["entries"])
     assert resumed["entries"][3]["samples_trained"] == 3 * 360
 
 

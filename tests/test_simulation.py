@@ -6,68 +6,14 @@ SuperLink, which is stopped by PID (with everything it started) at the end.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 
 from fedcifar_app import task
 from fedcifar_app.data import PartitionScheme, load_partition
-from fedcifar_app.local_simulation import (installs_dependencies, managed_superlink_pids,
-                                           stop_process_tree)
-from fedcifar_app.results import FINAL_MODEL_FILE, PLOT_FILE, RESULTS_FILE
-
-ROOT = Path(__file__).resolve().parents[1]
-RUN_TIMEOUT = 420
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def flower_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    home = tmp_path_factory.mktemp("flwr-home")
-    env = {**os.environ, "FLWR_HOME": str(home),
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
-    env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)
-    try:
-        yield env
-    finally:
-        for pid in managed_superlink_pids(env):
-            stop_process_tree(pid)
-        assert managed_superlink_pids(env) == []
-
-
-def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT)
-
-
-def flwr_run(env: dict[str, str], run_config: str) -> tuple[subprocess.CompletedProcess, dict]:
-    done = run(["flwr", "run", ".", "--run-config", run_config, "--stream",
-                "--format", "default"], env)
-    runs = json.loads(run(["flwr", "ls", "--format", "json"], env).stdout)["runs"]
-    return done, runs[0] if len(runs) == 1 else max(runs, key=lambda r: r["pending-at"])
-
-
-@pytest.fixture(scope="module")
-def local_simulation(flower_env: dict[str, str]) -> dict[str, str]:
-    done = run([sys.executable, "-m", "fedcifar_app.local_simulation", "--num-supernodes", "3"],
-               flower_env)
-    assert done.returncode == 0, done.stdout + done.stderr
-    (pid,) = managed_superlink_pids(flower_env)
-    assert not installs_dependencies(pid)
-    return flower_env
+from fedcifar_app.results import FINAL_MODEL_FILE, PLOT_FILE, load_results
+from tests.conftest import flwr_run
 
 
 def test_flwr_run_completes_and_writes_results(local_simulation: dict[str, str],
@@ -75,13 +21,13 @@ def test_flwr_run_completes_and_writes_results(local_simulation: dict[str, str],
     run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
                   f"output-dir='{tmp_path / 'out'}' num-server-rounds=2 "
                   "fraction-train=1.0 fraction-evaluate=1.0 min-available-nodes=3 "
-                  "partitioner='dirichlet' dirichlet-alpha=0.3")
+                  "partitioner='dirichlet' dirichlet-alpha=0.3 local-epochs=1")
     done, status = flwr_run(local_simulation, run_config)
     assert done.returncode == 0, done.stdout + done.stderr
     assert status["status"] == "finished:completed", done.stdout
     run_dir = tmp_path / "out" / f"flwr-run-{status['run-id']}"
     assert str(run_dir) in done.stdout
-    results = json.loads((run_dir / RESULTS_FILE).read_text())
+    results = load_results(run_dir)
     assert results["status"] == "completed" and results["kind"] == "federated"
     assert results["run_config"]["partitioner"] == "dirichlet"
     assert [e["round"] for e in results["entries"]] == [0, 1, 2]

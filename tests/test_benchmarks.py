@@ -1,0 +1,79 @@
+"""Seconds-long smoke runs of every benchmark script on tiny data.
+
+They check that each script runs end to end and writes its results; the numbers
+themselves are measured on real data and reported in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, run
+
+
+def benchmark(name: str, env: dict[str, str], *args: str) -> str:
+    done = run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args], env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def data_args(tiny_dataset: Path, tmp_path: Path) -> list[str]:
+    return ["--dataset", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "results")]
+
+
+def test_throughput(tiny_dataset: Path, tmp_path: Path) -> None:
+    output = tmp_path / "throughput.json"
+    benchmark("throughput", dict(os.environ), "--dataset", str(tiny_dataset), "--cache-dir",
+              str(tmp_path / "cache"), "--repeats", "1", "--output", str(output))
+    report = json.loads(output.read_text())
+    assert report["samples_per_measurement"] == 400
+    assert report["ratio_to_limit"]["bare loop (limit)"] == 1.0
+    assert report["samples_per_s"]["fedcifar train"] > 0
+
+
+def test_speed(local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
+    stdout = benchmark("speed", local_simulation, *data_args(tiny_dataset, tmp_path),
+                       "--rounds", "2")
+    report = json.loads((tmp_path / "results" / "speed.json").read_text())
+    assert report["federated"]["rounds"] == 2 and len(report["federated"]["round_s"]) == 2
+    assert report["centralized"]["samples"] == 2 * 400
+    assert set(report["ratios_to_limit"]) >= {"centralized, end to end",
+                                              "federated, steady rounds"}
+    assert "federated: start-up" in stdout
+
+
+def test_scale(local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
+    benchmark("scale", local_simulation, *data_args(tiny_dataset, tmp_path),
+              "--clients", "10", "--rounds", "2")
+    size = json.loads((tmp_path / "results" / "scale.json").read_text())["sizes"]["10"]
+    assert size["train_tasks_per_round"] == 1  # 10 % of 10 clients
+    assert size["peak_rss_gib"] > 0.1  # the SuperLink and Ray were measured
+    # A second call keeps what is done instead of measuring again.
+    assert "done before, kept" in benchmark("scale", local_simulation,
+                                            *data_args(tiny_dataset, tmp_path),
+                                            "--clients", "10", "--rounds", "2")
+
+
+def test_time_to_accuracy(local_simulation: dict[str, str], tiny_dataset: Path,
+                          tmp_path: Path) -> None:
+    benchmark("time_to_accuracy", local_simulation, *data_args(tiny_dataset, tmp_path),
+              "--repeats", "1", "--run-config", "num-server-rounds=2 fraction-train=1.0")
+    (run,) = json.loads((tmp_path / "results" / "time_to_accuracy.json").read_text())["runs"]
+    assert set(run["reached"]) == {"50%", "55%", "58%", "60%"}
+    assert run["wall_s"] > 0
+
+
+def test_niid_bench_runs_and_skips_finished_runs(local_simulation: dict[str, str],
+                                                 tiny_dataset: Path, tmp_path: Path) -> None:
+    args = [*data_args(tiny_dataset, tmp_path), "--rounds", "1", "--only", "fedavg-iid"]
+    benchmark("niid_bench", local_simulation, *args)
+    report = json.loads((tmp_path / "results" / "niid_bench.json").read_text())
+    run_state = report["runs"]["fedavg-iid"]
+    assert run_state["status"] == "completed" and run_state["best"]["round"] in (0, 1)
+    assert "fedavg-iid" in benchmark("niid_bench", local_simulation, *args)
+    again = json.loads((tmp_path / "results" / "niid_bench.json").read_text())
+    assert again["runs"]["fedavg-iid"]["run_dir"] == run_state["run_dir"]
