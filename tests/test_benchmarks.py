@@ -56,6 +56,11 @@ def test_scale(local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: P
     assert "done before, kept" in benchmark("scale", local_simulation,
                                             *data_args(tiny_dataset, tmp_path),
                                             "--clients", "10", "--rounds", "2")
+    figures = tmp_path / "figures"
+    benchmark("figures", local_simulation, "--results", str(tmp_path / "results"),
+              "--out", str(figures), "--federated", size["run_dir"])
+    assert (figures / "scale.png").read_bytes()[:4] == b"\x89PNG"
+    assert (figures / "centralized_vs_federated.png").exists()
 
 
 def test_time_to_accuracy(local_simulation: dict[str, str], tiny_dataset: Path,

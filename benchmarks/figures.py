@@ -1,0 +1,100 @@
+"""Figures for BENCHMARKS.md from the JSON the benchmark scripts wrote.
+
+    python benchmarks/figures.py [--results benchmarks/results] [--out docs/figures]
+
+Draws whatever results exist: speed.png (samples/s against the compute limit),
+scale.png (seconds per round and peak RSS against clients), niid_bench.png (test
+accuracy per round of each NIID-Bench run) and, given --centralized and --federated
+run folders, centralized_vs_federated.png (test accuracy per epoch of data).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common import ROOT, load  # noqa: E402
+
+from fedcifar_app.compare import describe  # noqa: E402
+from fedcifar_app.results import load_results, plot_accuracy  # noqa: E402
+
+
+def speed_figure(report: dict, path: Path) -> None:
+    ratios = report["ratios_to_limit"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh(list(ratios), [100 * r for r in ratios.values()], color="tab:blue")
+    ax.axvline(100, color="black", linewidth=0.8)
+    ax.set_xlabel("training throughput, % of the compute limit")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def scale_figure(report: dict, path: Path) -> None:
+    sizes = sorted(report["sizes"].values(), key=lambda s: s["clients"])
+    clients = [s["clients"] for s in sizes]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot(clients, [s["steady_round_s"] for s in sizes], marker="o")
+    left.set_xscale("log")
+    left.set_xlabel("virtual clients (10 % train per round)")
+    left.set_ylabel("seconds per round")
+    right.plot(clients, [s["peak_rss_gib"] for s in sizes], marker="o", color="tab:red")
+    right.set_xscale("log")
+    right.set_xlabel("virtual clients")
+    right.set_ylabel("peak RSS of the process tree (GiB)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def niid_figure(report: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, run in report["runs"].items():
+        accuracies = run.get("accuracy_by_round") or []
+        points = [(i, 100 * a) for i, a in enumerate(accuracies) if a is not None]
+        if points:
+            ax.plot(*zip(*points), label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "figures")
+    parser.add_argument("--centralized", type=Path, nargs="*", default=[],
+                        help="centralized run folders for centralized_vs_federated.png")
+    parser.add_argument("--federated", type=Path, nargs="*", default=[],
+                        help="federated run folders for centralized_vs_federated.png")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    drawn = []
+    for name, draw in (("speed", speed_figure), ("scale", scale_figure),
+                       ("niid_bench", niid_figure)):
+        report = load(args.results / f"{name}.json")
+        if report:
+            draw(report, args.out / f"{name}.png")
+            drawn.append(f"{name}.png")
+    runs = [load_results(path) for path in [*args.centralized, *args.federated]]
+    if runs:
+        plot_accuracy(runs, args.out / "centralized_vs_federated.png",
+                      labels=[describe(run) for run in runs], by_epochs_of_data=True)
+        drawn.append("centralized_vs_federated.png")
+    print(f"wrote {', '.join(drawn) or 'nothing (no results yet)'} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
