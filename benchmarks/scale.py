@@ -5,9 +5,10 @@
 Each size runs ``flwr run .`` with Dirichlet(0.3) label skew, 10 % of the clients
 training (one local epoch) and 5 % evaluating per round, for --rounds rounds, and
 reports seconds per round (median over rounds after the first), seconds per client
-update, the cost per client task beyond its compute, and the peak RSS of the
-whole process tree (SuperLink, simulation, Ray and its workers). flwr-datasets'
-Dirichlet partitioner needs a smaller minimum partition size than its default 10
+update, the cost per client task beyond its compute (round time less the training
+compute at the compute limit and less the server's own test-set evaluation, divided
+by the round's train and evaluate tasks), and the peak RSS of the whole process
+tree (SuperLink, simulation, Ray and its workers). flwr-datasets' Dirichlet partitioner needs a smaller minimum partition size than its default 10
 to split 50,000 images 1,000 ways at alpha 0.3: this uses 5. Results are saved after
 each size to scale.json under --out, and sizes already there are skipped.
 """
@@ -45,14 +46,16 @@ def run_size(clients: int, args: argparse.Namespace, out: Path) -> dict:
     samples_per_round = statistics.median(
         b["samples_trained"] - a.get("samples_trained", 0) for a, b in zip(entries, entries[1:]))
     compute_s = samples_per_round / args.limit_samples_per_s
+    # Server-side evaluation of the test split happens once per round, not per task.
+    server_eval_s = statistics.median(e.get("test_seconds", 0.0) for e in entries[1:])
     tasks = train_tasks + evaluate_tasks
     return {"clients": clients, "rounds": args.rounds, "wall_s": wall, "round_s": round_s,
             "steady_round_s": steady, "train_tasks_per_round": train_tasks,
             "evaluate_tasks_per_round": evaluate_tasks,
             "samples_per_round": samples_per_round,
             "s_per_client_update": steady / train_tasks,
-            "compute_s_per_round": compute_s,
-            "overhead_ms_per_task": 1000 * (steady - compute_s) / tasks,
+            "compute_s_per_round": compute_s, "server_eval_s_per_round": server_eval_s,
+            "overhead_ms_per_task": 1000 * (steady - compute_s - server_eval_s) / tasks,
             "peak_rss_gib": rss.peak / 2**30, "run_dir": str(run_dir)}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from logging import INFO
 
 import numpy as np
@@ -71,12 +72,14 @@ def main(grid: Grid, context: Context) -> None:
         recorder.restore(_earlier_entries(checkpoint))
 
     def evaluate_global_model(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        started = time.perf_counter()
         net.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = task.test(net, test_loader)
         # A resumed run's starting model was evaluated, and recorded, by the first run.
         if server_round > 0 or checkpoint is None:
             recorder.record(server_round + strategy.round_offset, net.state_dict(),
-                            test_loss=loss, test_accuracy=accuracy)
+                            test_loss=loss, test_accuracy=accuracy,
+                            test_seconds=round(time.perf_counter() - started, 3))
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
 
     try:
