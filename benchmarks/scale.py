@@ -8,9 +8,9 @@ reports seconds per round (median over rounds after the first), seconds per clie
 update, the cost per client task beyond its compute (round time less the training
 compute at the compute limit and less the server's own test-set evaluation, divided
 by the round's train and evaluate tasks), and the peak RSS of the whole process
-tree (SuperLink, simulation, Ray and its workers). flwr-datasets' Dirichlet partitioner needs a smaller minimum partition size than its default 10
-to split 50,000 images 1,000 ways at alpha 0.3: this uses 5. Results are saved after
-each size to scale.json under --out, and sizes already there are skipped.
+tree (SuperLink, simulation, Ray and its workers). flwr-datasets' Dirichlet
+partitioner needs a smaller minimum partition size than its default 10 to split
+50,000 images 1,000 ways at alpha 0.3: this uses 5. Results are saved after each size to scale.json under --out, and sizes already there are skipped.
 """
 
 from __future__ import annotations
