@@ -10,7 +10,8 @@ compute at the compute limit and less the server's own test-set evaluation, divi
 by the round's train and evaluate tasks), and the peak RSS of the whole process
 tree (SuperLink, simulation, Ray and its workers). flwr-datasets' Dirichlet
 partitioner needs a smaller minimum partition size than its default 10 to split
-50,000 images 1,000 ways at alpha 0.3: this uses 5. Results are saved after each size to scale.json under --out, and sizes already there are skipped.
+50,000 images 1,000 ways at alpha 0.3: this uses 5. Results are saved after each
+size to scale.json under --out, and sizes already there are skipped.
 """
 
 from __future__ import annotations
