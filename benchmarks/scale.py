@@ -5,10 +5,10 @@
 Each size runs ``flwr run .`` with Dirichlet(0.3) label skew, 10 % of the clients
 training (one local epoch) and 5 % evaluating per round, for --rounds rounds, and
 reports seconds per round (median over rounds after the first), seconds per client
-update, the cost per client task beyond its compute (round time less the training
-compute at the compute limit and less the server's own test-set evaluation, divided
-by the round's train and evaluate tasks), and the peak RSS of the whole process
-tree (SuperLink, simulation, Ray and its workers). flwr-datasets' Dirichlet
+update, the cost per client task beyond its compute (round time less the clients'
+own timing of their training, spread over the cores, and less the server's
+test-set evaluation, divided by the round's train and evaluate tasks), and the peak
+RSS of the whole process tree (SuperLink, simulation, Ray and its workers). flwr-datasets' Dirichlet
 partitioner needs a smaller minimum partition size than its default 10 to split
 50,000 images 1,000 ways at alpha 0.3: this uses 5. Results are saved after each
 size to scale.json under --out, and sizes already there are skipped.
@@ -17,6 +17,7 @@ size to scale.json under --out, and sizes already there are skipped.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -27,6 +28,8 @@ from fedcifar_app.local_simulation import managed_superlink_pids
 
 TRAIN_FRACTION = 0.1
 EVALUATE_FRACTION = 0.05
+# One CPU per ClientApp (client-resources-num-cpus=1): one client per core at a time.
+CONCURRENT_CLIENTS = os.cpu_count() or 1
 
 
 def run_size(clients: int, args: argparse.Namespace, out: Path) -> dict:
@@ -46,7 +49,9 @@ def run_size(clients: int, args: argparse.Namespace, out: Path) -> dict:
                                        + e.get("evaluate_failures", 0) for e in entries[1:])
     samples_per_round = statistics.median(
         b["samples_trained"] - a.get("samples_trained", 0) for a, b in zip(entries, entries[1:]))
-    compute_s = samples_per_round / args.limit_samples_per_s
+    # The clients time their own training; CONCURRENT_CLIENTS of them run at once.
+    compute_s = statistics.median(e["client_train_seconds"] for e in entries[1:]) \
+        / CONCURRENT_CLIENTS
     # Server-side evaluation of the test split happens once per round, not per task.
     server_eval_s = statistics.median(e.get("test_seconds", 0.0) for e in entries[1:])
     tasks = train_tasks + evaluate_tasks
@@ -65,9 +70,6 @@ def main() -> None:
     add_data_arguments(parser)
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--limit-samples-per-s", type=float, default=7700.0,
-                        help="the compute limit (benchmarks/speed.py) to subtract compute "
-                        "from round time (default: measured on the development machine)")
     args = parser.parse_args()
     out = args.out.resolve()
     report = load(out / "scale.json") or {"machine": machine(), "command": " ".join(sys.argv),

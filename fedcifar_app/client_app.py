@@ -7,6 +7,8 @@ A node's data comes from its node config: either its own directory
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -103,13 +105,16 @@ def train(msg: Message, context: Context) -> Message:
     generator = torch.Generator().manual_seed(hash((config.seed, server_round, node)) % 2**63)
     loader = BatchLoader(train_data, config.batch_size, shuffle=True,
                          augment=config.augment, generator=generator)
+    started = time.perf_counter()
     train_loss = task.train(
         net, loader, config.local_epochs, config.learning_rate, config.momentum,
         config.weight_decay,
         # FedProx puts its mu into the round's config; other strategies don't.
         proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
     )
-    return _reply(msg, {"train-loss": train_loss, "num-examples": len(train_data)}, net)
+    metrics = {"train-loss": train_loss, "num-examples": len(train_data),
+               "train-seconds": time.perf_counter() - started}
+    return _reply(msg, metrics, net)
 
 
 @app.evaluate()

@@ -159,8 +159,12 @@ class SafeguardsMixin:
             server_round, [*usable, *errors])
         self.samples_trained += self.local_epochs * sum(
             int(r.content["metrics"]["num-examples"]) for r in usable)
+        # Summed, unlike the weighted mean in `train`: the round's compute in CPU-seconds.
+        client_train_seconds = sum(float(r.content["metrics"].get("train-seconds", 0.0))
+                                   for r in usable)
         self.recorder.record(server_round, train=dict(metrics or {}),
-                             samples_trained=self.samples_trained)
+                             samples_trained=self.samples_trained,
+                             client_train_seconds=round(client_train_seconds, 3))
         self.save_checkpoint(server_round, arrays)
         return arrays, metrics
 
