@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 
@@ -86,18 +87,25 @@ def run(epochs: int, config: RunConfig) -> RunRecorder:
                            run_config={**config.to_dict(), "epochs": epochs})
     net = task.Net()
 
+    epoch_started = time.perf_counter()
+
     def evaluate(epoch: int, train_loss: float) -> None:
+        nonlocal epoch_started
+        train_seconds = time.perf_counter() - epoch_started
         loss, accuracy = task.test(net, test_loader)
         entry = recorder.record(epoch, net.state_dict(), train_loss=train_loss,
                                 test_loss=loss, test_accuracy=accuracy,
-                                samples_trained=epoch * len(train_data))
+                                samples_trained=epoch * len(train_data),
+                                train_seconds=round(train_seconds, 3))
         print(f"epoch {epoch}/{epochs}: train loss {train_loss:.4f}, test loss {loss:.4f}, "
               f"test accuracy {100 * accuracy:.2f}% ({entry['elapsed_s']:.1f} s)", flush=True)
+        epoch_started = time.perf_counter()
 
     loss, accuracy = task.test(net, test_loader)
     recorder.record(0, test_loss=loss, test_accuracy=accuracy, samples_trained=0)
     loader = BatchLoader(train_data, config.batch_size, shuffle=True, augment=config.augment,
                          generator=torch.Generator().manual_seed(config.seed))
+    epoch_started = time.perf_counter()
     task.train(net, _ProgressLoader(loader, epochs), epochs, config.learning_rate,
                config.momentum, config.weight_decay, on_epoch_end=evaluate)
     recorder.finish(net.state_dict())

@@ -30,6 +30,7 @@ def test_centralized_trains_and_writes_results(tiny_dataset: Path, tmp_path: Pat
     assert results["kind"] == "centralized" and results["status"] == "completed"
     assert [e["epoch"] for e in results["entries"]] == [0, 1, 2, 3, 4, 5]
     assert results["entries"][5]["samples_trained"] == 5 * 400
+    assert all(e["train_seconds"] > 0 for e in results["entries"][1:])
     assert results["run_config"]["batch-size"] == 16 and results["run_config"]["epochs"] == 5
     final_accuracy = results["entries"][-1]["test_accuracy"]
     assert final_accuracy > 0.5  # ten colours are easy to tell apart; chance is 0.1
