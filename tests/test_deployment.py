@@ -138,7 +138,7 @@ def test_a_supernode_killed_in_round_one_is_counted_and_the_run_completes(
     config = run_config(tiny_dataset, tmp_path, **{
         "num-server-rounds": 3, "min-available-nodes": 2, "round-timeout": 60.0,
         # Long enough local training that the kill lands inside round 1.
-        "local-epochs": 60})
+        "local-epochs": 200})
     run = subprocess.Popen(["flwr", "run", ".", federation.name, "--stream",
                             "--run-config", config], cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
