@@ -172,6 +172,8 @@ class SafeguardsMixin:
         server_round += self.round_offset
         replies = list(replies)
         metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+        if not replies:  # fraction-evaluate 0: nothing was asked
+            return metrics
         failures = sum(r.has_error() for r in replies)
         if failures == len(replies):
             log(WARNING, "Round %d: no client evaluation succeeded", server_round)

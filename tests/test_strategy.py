@@ -136,3 +136,10 @@ def test_each_round_is_checkpointed_and_resumable(tmp_path: Path) -> None:
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="resume-from"):
         load_checkpoint(str(tmp_path / "nothing-here"))
+
+
+def test_rounds_without_client_evaluation_record_nothing_for_it(tmp_path: Path) -> None:
+    strategy, recorder = make_strategy(tmp_path, **{"fraction-evaluate": 0.0,
+                                                    "validation-fraction": 0.0})
+    assert strategy.aggregate_evaluate(1, []) is None
+    assert recorder.entries == []
