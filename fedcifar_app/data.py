@@ -140,8 +140,11 @@ def _decode(dataset: str, split: str) -> dict[str, Any]:
 
 def load_split(dataset: str, split: str, cache_root: Path) -> ImageTensors:
     """A whole split as uint8 tensors, decoded on first use and cached on disk."""
-    path = dataset_cache_dir(dataset, cache_root) / f"{split}.pt"
-    data = _cached(path, lambda: _decode(dataset, split))
+    return _load_split(dataset, split, dataset_cache_dir(dataset, cache_root))
+
+
+def _load_split(dataset: str, split: str, cache_dir: Path) -> ImageTensors:
+    data = _cached(cache_dir / f"{split}.pt", lambda: _decode(dataset, split))
     return ImageTensors(data["images"], data["labels"])
 
 
@@ -238,9 +241,11 @@ def load_partition(dataset: str, cache_root: Path, scheme: PartitionScheme,
     if not 0 <= partition_id < scheme.num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside "
                          f"[0, {scheme.num_partitions - 1}] (num-partitions)")
-    split = load_split(dataset, "train", cache_root)
-    path = dataset_cache_dir(dataset, cache_root) / scheme.cache_name()
-    partitions = _cached(path, lambda: _compute_partitions(split.labels, scheme))
+    # Fingerprinting a local directory stats its files: once per call, not twice.
+    cache_dir = dataset_cache_dir(dataset, cache_root)
+    split = _load_split(dataset, "train", cache_dir)
+    partitions = _cached(cache_dir / scheme.cache_name(),
+                         lambda: _compute_partitions(split.labels, scheme))
     return (split.subset(_part(partitions["train"], partition_id)),
             split.subset(_part(partitions["validation"], partition_id)))
 
