@@ -28,7 +28,8 @@ PLOT_FILE = "accuracy.png"
 SAMPLES_PER_EPOCH = 50_000
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
+    """Call write(tmp) on a temporary sibling, then rename it over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -71,7 +72,7 @@ class RunRecorder:
         accuracy = values.get("test_accuracy")
         if accuracy is not None and state_dict is not None and accuracy > self.best_accuracy:
             self.best_accuracy, self.best_index = accuracy, index
-            _atomic_write(self.run_dir / BEST_MODEL_FILE,
+            atomic_write(self.run_dir / BEST_MODEL_FILE,
                           lambda tmp: torch.save(state_dict, tmp))
         self.write()
         return entry
@@ -88,7 +89,7 @@ class RunRecorder:
                status: str = "completed") -> None:
         self.status = status
         if final_state_dict is not None:
-            _atomic_write(self.run_dir / FINAL_MODEL_FILE,
+            atomic_write(self.run_dir / FINAL_MODEL_FILE,
                           lambda tmp: torch.save(final_state_dict, tmp))
         self.write()
         plot_accuracy([self.summary()], self.run_dir / PLOT_FILE)
@@ -109,7 +110,7 @@ class RunRecorder:
 
     def write(self) -> None:
         text = json.dumps(self.summary(), indent=2)
-        _atomic_write(self.run_dir / RESULTS_FILE, lambda tmp: tmp.write_text(text))
+        atomic_write(self.run_dir / RESULTS_FILE, lambda tmp: tmp.write_text(text))
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -140,5 +141,5 @@ def plot_accuracy(runs: list[dict[str, Any]], path: Path, labels: list[str] | No
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from fedcifar_app.config import RunConfig
-from fedcifar_app.results import RunRecorder
+from fedcifar_app.results import RunRecorder, atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"
 STRATEGY_CLASSES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM,
@@ -185,9 +185,7 @@ class SafeguardsMixin:
     def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
         checkpoint = {"round": server_round, "model": arrays.to_torch_state_dict(),
                       "samples_trained": self.samples_trained}
-        tmp = self.checkpoint_path.with_name(self.checkpoint_path.name + ".tmp")
-        torch.save(checkpoint, tmp)
-        tmp.replace(self.checkpoint_path)
+        atomic_write(self.checkpoint_path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
