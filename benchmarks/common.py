@@ -64,7 +64,15 @@ class PeakRss:
 
 def flwr_run(run_config: str, federation_config: str | None = None,
              timeout: float = 3600) -> tuple[float, Path, str]:
-    """``flwr run . --stream``; return (wall seconds, run folder, output)."""
+    """``flwr run . --stream``; return (wall seconds, run folder, output).
+
+    Runs the one-time local simulation setup first (a no-op when it was done), so a
+    benchmark never meets a managed SuperLink that would ``uv sync`` the app's
+    dependencies into a fresh environment for the run."""
+    from fedcifar_app import local_simulation
+
+    if local_simulation.main([]) != 0:
+        raise RuntimeError("python -m fedcifar_app.local_simulation failed")
     command = ["flwr", "run", ".", "--stream", "--run-config", run_config]
     if federation_config:
         command += ["--federation-config", federation_config]

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,11 +35,6 @@ from pathlib import Path
 import tomli_w
 
 from fedcifar_app.local_simulation import stop_process_tree
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 DEFAULT_NAME = "local-deployment"
 STATE_FILE = "federation.json"
