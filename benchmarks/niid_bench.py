@@ -42,9 +42,10 @@ RUNS = {
     # overshoots it round after round.
     "fedavgm-dir0.5": ("strategy='fedavgm' fedavgm-server-lr=1.0 fedavgm-momentum=0.5 "
                        "partitioner='dirichlet' dirichlet-alpha=0.5"),
+    "scaffold-dir0.5": "strategy='scaffold' partitioner='dirichlet' dirichlet-alpha=0.5",
 }
 PUBLISHED = {"fedavg-iid": 71.32, "fedavg-dir0.5": 62.47, "fedavg-c2": 51.17,
-             "fedprox-dir0.5": 65.63}
+             "fedprox-dir0.5": 65.63, "scaffold-dir0.5": 68.08}
 FEDERATION = "num-supernodes=10 client-resources-num-cpus=1"
 
 

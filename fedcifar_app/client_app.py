@@ -105,16 +105,68 @@ def train(msg: Message, context: Context) -> Message:
     generator = torch.Generator().manual_seed(hash((config.seed, server_round, node)) % 2**63)
     loader = BatchLoader(train_data, config.batch_size, shuffle=True,
                          augment=config.augment, generator=generator)
+    scaffold = ScaffoldControls.receive(msg, context, net)
     started = time.perf_counter()
     train_loss = task.train(
         net, loader, config.local_epochs, config.learning_rate, config.momentum,
         config.weight_decay,
         # FedProx puts its mu into the round's config; other strategies don't.
         proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+        drift_correction=None if scaffold is None else scaffold.drift_correction(),
     )
     metrics = {"train-loss": train_loss, "num-examples": len(train_data),
                "train-seconds": time.perf_counter() - started}
-    return _reply(msg, metrics, net)
+    reply = _reply(msg, metrics, net)
+    if scaffold is not None:
+        reply.content["control-delta"] = scaffold.update(
+            context, net, steps=config.local_epochs * len(loader),
+            learning_rate=config.learning_rate)
+    return reply
+
+
+class ScaffoldControls:
+    """The SCAFFOLD round of one node: the server's control ``c`` from the message,
+    the node's own ``c_i`` from its node state (zero at first), and the weights
+    training started from. Parameters are taken in ``net.named_parameters()`` order."""
+
+    def __init__(self, server: list[torch.Tensor], client: list[torch.Tensor],
+                 global_weights: list[torch.Tensor]) -> None:
+        self.server, self.client, self.global_weights = server, client, global_weights
+
+    @classmethod
+    def receive(cls, msg: Message, context: Context, net: task.Net) -> ScaffoldControls | None:
+        """The controls for this round, or None if the strategy is not SCAFFOLD."""
+        if "server-control" not in msg.content.array_records:
+            return None
+        server = _parameter_tensors(msg.content["server-control"], net)
+        if "client-control" in context.state.array_records:
+            client = _parameter_tensors(context.state["client-control"], net)
+        else:
+            client = [torch.zeros_like(t) for t in server]
+        return cls(server, client, [p.detach().clone() for p in net.parameters()])
+
+    def drift_correction(self) -> list[torch.Tensor]:
+        return [c - c_i for c, c_i in zip(self.server, self.client, strict=True)]
+
+    def update(self, context: Context, net: task.Net, steps: int,
+               learning_rate: float) -> ArrayRecord:
+        """Store the new ``c_i`` in the node state; return its change for the server."""
+        new_client = task.scaffold_client_control(
+            self.client, self.server, self.global_weights,
+            [p.detach() for p in net.parameters()], steps, learning_rate)
+        context.state["client-control"] = _parameter_record(net, new_client)
+        return _parameter_record(
+            net, [new - old for new, old in zip(new_client, self.client, strict=True)])
+
+
+def _parameter_tensors(record: ArrayRecord, net: task.Net) -> list[torch.Tensor]:
+    tensors = record.to_torch_state_dict()
+    return [tensors[name] for name, _ in net.named_parameters()]
+
+
+def _parameter_record(net: task.Net, tensors: list[torch.Tensor]) -> ArrayRecord:
+    names = [name for name, _ in net.named_parameters()]
+    return ArrayRecord(dict(zip(names, tensors, strict=True)))
 
 
 @app.evaluate()

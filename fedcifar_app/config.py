@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "scaffold")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 
 

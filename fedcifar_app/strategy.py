@@ -1,8 +1,8 @@
 """Flower strategies made safe for real deployments.
 
 ``build_strategy`` subclasses the configured Flower strategy (FedAvg, FedProx,
-FedAvgM, FedAdam) with ``SafeguardsMixin``, which adds what Flower 1.42 leaves to
-the app, without copying the strategy's loop:
+FedAvgM, FedAdam, or ``Scaffold`` below) with ``SafeguardsMixin``, which adds what
+Flower 1.42 leaves to the app, without copying the strategy's loop:
 
 * waiting for nodes is bounded by ``node-wait-timeout``; too few nodes fail the run;
 * training replies whose arrays are not a finite copy of the global model's
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
@@ -35,8 +35,6 @@ from fedcifar_app.config import RunConfig
 from fedcifar_app.results import RunRecorder, atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"
-STRATEGY_CLASSES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM,
-                    "fedadam": FedAdam}
 
 
 class RunFailedError(RuntimeError):
@@ -65,16 +63,34 @@ def load_checkpoint(location: str) -> Checkpoint:
     return Checkpoint(saved["round"], saved["model"], saved["samples_trained"], path)
 
 
-def update_problem(reply: Message, global_arrays: ArrayRecord) -> str | None:
-    """Why a (non-error) training reply must not be aggregated, or None if it may."""
+def update_problem(reply: Message, global_arrays: ArrayRecord,
+                   record_names: tuple[str, ...] = ("arrays",)) -> str | None:
+    """Why a (non-error) training reply must not be aggregated, or None if it may.
+
+    Each ArrayRecord in ``record_names`` must be a finite copy of the global model's
+    layout, and the reply may hold no other ArrayRecord (Flower's aggregation fails
+    the whole round on one that does)."""
     content = reply.content
-    if "arrays" not in content.array_records:
-        return "no ArrayRecord 'arrays' in the reply"
+    for name in record_names:
+        if name not in content.array_records:
+            return f"no ArrayRecord '{name}' in the reply"
+    unexpected = sorted(set(content.array_records) - set(record_names))
+    if unexpected:
+        return f"unexpected ArrayRecords {unexpected}"
     metrics = content.metric_records.get("metrics")
     examples = None if metrics is None else metrics.get("num-examples")
     if not isinstance(examples, (int, float)) or not examples > 0:
         return f"'num-examples' must be a positive number, got {examples!r}"
-    arrays = content.array_records["arrays"]
+    for name in record_names:
+        problem = layout_problem(content.array_records[name], global_arrays)
+        if problem is not None:
+            return f"{name}: {problem}"
+    return None
+
+
+def layout_problem(arrays: ArrayRecord, global_arrays: ArrayRecord) -> str | None:
+    """How ``arrays`` differs from the global model's keys, shapes and dtypes, or holds
+    NaN/Inf; None if it does not."""
     missing = sorted(set(global_arrays) - set(arrays))
     extra = sorted(set(arrays) - set(global_arrays))
     if missing or extra:
@@ -88,6 +104,50 @@ def update_problem(reply: Message, global_arrays: ArrayRecord) -> str | None:
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return f"'{name}' holds NaN or Inf"
     return None
+
+
+class Scaffold(FedAvg):
+    """SCAFFOLD (Karimireddy et al. 2020) with a global learning rate of 1, as in
+    NIID-Bench: FedAvg of the clients' weights, plus control variates that correct
+    each client's drift towards its own optimum.
+
+    Every training instruction carries the server control ``c`` as the ArrayRecord
+    'server-control'; the ClientApp keeps its own ``c_i`` in its node state and
+    replies with 'control-delta' (its change of ``c_i``), and ``c`` moves by the
+    mean delta times the fraction of nodes that trained. ``c`` is not in the
+    checkpoint: a resumed run starts it at zero, like the clients' node state.
+    """
+
+    reply_records = ("arrays", "control-delta")
+    server_control: dict[str, np.ndarray] | None = None
+    nodes_connected: int = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.server_control is None:
+            self.server_control = {k: np.zeros_like(v.numpy()) for k, v in arrays.items()}
+        control = ArrayRecord({k: Array(v) for k, v in self.server_control.items()})
+        for message in messages:
+            message.content["server-control"] = control
+        self.nodes_connected = len(list(grid.get_node_ids()))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+        replies = list(replies)
+        deltas = []
+        for reply in replies:
+            if not reply.has_error():
+                deltas.append(reply.content["control-delta"])
+                # FedAvg aggregates every ArrayRecord of a reply into the model.
+                del reply.content["control-delta"]
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if deltas and self.server_control is not None:
+            participation = len(deltas) / max(self.nodes_connected, len(deltas))
+            for key, control in self.server_control.items():
+                mean_delta = sum(delta[key].numpy() for delta in deltas) / len(deltas)
+                control += participation * mean_delta
+        return arrays, metrics
 
 
 class SafeguardsMixin:
@@ -138,10 +198,12 @@ class SafeguardsMixin:
         replies = list(replies)
         errors = [r for r in replies if r.has_error()]
         usable, rejected = [], []
+        # The ArrayRecords a training reply holds: the strategy's own (Scaffold) or Flower's.
+        record_names = getattr(self, "reply_records", ("arrays",))
         for reply in replies:
             if reply.has_error():
                 continue
-            problem = update_problem(reply, self._global_arrays)
+            problem = update_problem(reply, self._global_arrays, record_names)
             if problem is None:
                 usable.append(reply)
             else:
@@ -188,6 +250,10 @@ class SafeguardsMixin:
         atomic_write(self.checkpoint_path, lambda tmp: torch.save(checkpoint, tmp))
 
 
+STRATEGY_CLASSES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM,
+                    "fedadam": FedAdam, "scaffold": Scaffold}
+
+
 def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
     """The configured Flower strategy with the safeguards mixed in."""
     base = STRATEGY_CLASSES[config.strategy]
@@ -197,6 +263,7 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
         "fedavgm": {"server_learning_rate": config.fedavgm_server_lr,
                     "server_momentum": config.fedavgm_momentum},
         "fedadam": {"eta": config.fedadam_eta, "tau": config.fedadam_tau},
+        "scaffold": {},
     }[config.strategy]
     strategy_class = type(f"Safe{base.__name__}", (SafeguardsMixin, base), {})
     strategy = strategy_class(

@@ -9,7 +9,7 @@ tensor ops, instead of running a PIL transform on every image on every pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -134,13 +134,17 @@ def train(
     momentum: float,
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
+    drift_correction: Sequence[torch.Tensor] | None = None,
     on_epoch_end: Callable[[int, float], None] | None = None,
 ) -> float:
     """Train with SGD; return the mean training loss over all batches.
 
     ``proximal_mu`` > 0 adds FedProx's proximal term (mu/2)·||w - w_global||², where
-    w_global are the weights ``net`` holds when training starts. ``on_epoch_end``
-    is called with (epoch, mean loss of that epoch), e.g. to evaluate per epoch.
+    w_global are the weights ``net`` holds when training starts.
+    ``drift_correction`` (one tensor per parameter, SCAFFOLD's c - c_i) is
+    subtracted, times the learning rate, from the weights after every step.
+    ``on_epoch_end`` is called with (epoch, mean loss of that epoch), e.g. to
+    evaluate per epoch.
     """
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=momentum,
@@ -159,6 +163,11 @@ def train(
                     (p - g).pow(2).sum() for p, g in zip(net.parameters(), global_params))
             loss.backward()
             optimizer.step()
+            if drift_correction is not None:
+                # After the step, as NIID-Bench's SCAFFOLD does: outside SGD momentum.
+                with torch.no_grad():
+                    for param, correction in zip(net.parameters(), drift_correction, strict=True):
+                        param.sub_(correction, alpha=learning_rate)
             # Accumulate as a tensor: .item() every step would force a sync per batch.
             total_loss += loss.detach()
             num_batches += 1
@@ -171,6 +180,23 @@ def train(
         raise FloatingPointError(f"training diverged (mean loss {mean_loss}); "
                                  "lower the learning rate")
     return mean_loss
+
+
+def scaffold_client_control(
+    client_control: Sequence[torch.Tensor],
+    server_control: Sequence[torch.Tensor],
+    global_weights: Sequence[torch.Tensor],
+    trained_weights: Sequence[torch.Tensor],
+    steps: int,
+    learning_rate: float,
+) -> list[torch.Tensor]:
+    """SCAFFOLD's new client control variate (Karimireddy et al. 2020, option II):
+    c_i - c + (x - y_i) / (steps · learning rate), per parameter."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    scale = 1.0 / (steps * learning_rate)
+    return [c_i - c + (x - y) * scale for c_i, c, x, y in
+            zip(client_control, server_control, global_weights, trained_weights, strict=True)]
 
 
 @torch.no_grad()

@@ -112,3 +112,32 @@ def test_arrays_of_another_model_are_rejected(tiny_dataset: Path, cache_dir: Pat
                         "config": ConfigRecord({"server-round": 1})})
     with pytest.raises(RuntimeError, match="state_dict"):
         client_app.app(Message(content=other, dst_node_id=7, message_type="train"), context)
+
+
+def test_scaffold_keeps_the_client_control_in_the_node_state(
+        tiny_dataset: Path, cache_dir: Path) -> None:
+    torch.manual_seed(0)
+    net = task.Net()
+    start = net.state_dict()
+    context = make_context(tiny_dataset, cache_dir, SIMULATED, **{"learning-rate": 0.05})
+    message = make_message("train", net)
+    zero = {k: torch.zeros_like(v) for k, v in start.items()}
+    message.content["server-control"] = ArrayRecord(zero)
+    first = client_app.app(message, context)
+    assert not first.has_error(), first.error
+    trained = first.content["arrays"].to_torch_state_dict()
+    delta = first.content["control-delta"].to_torch_state_dict()
+    stored = context.state["client-control"].to_torch_state_dict()
+    # c = c_i = 0 at first: c_i' = (x - y) / (K * lr), K = 2 epochs * ceil(90 / 32) batches.
+    for k in start:
+        torch.testing.assert_close(stored[k], (start[k] - trained[k]) / (2 * 3 * 0.05))
+        torch.testing.assert_close(delta[k], stored[k])
+
+    second = client_app.app(message, context)
+    delta = second.content["control-delta"].to_torch_state_dict()
+    restored = context.state["client-control"].to_torch_state_dict()
+    assert all(torch.allclose(restored[k], stored[k] + delta[k]) for k in start)
+    # The stored c_i corrected the second round: it trained elsewhere than the first.
+    again = second.content["arrays"].to_torch_state_dict()
+    assert any(not torch.allclose(again[k], trained[k]) for k in start)
+

@@ -21,7 +21,9 @@ def test_flwr_run_completes_and_writes_results(local_simulation: dict[str, str],
     run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
                   f"output-dir='{tmp_path / 'out'}' num-server-rounds=2 "
                   "fraction-train=1.0 fraction-evaluate=1.0 min-available-nodes=3 "
-                  "partitioner='dirichlet' dirichlet-alpha=0.3 local-epochs=1")
+                  "partitioner='dirichlet' dirichlet-alpha=0.3 local-epochs=1 "
+                  # SCAFFOLD needs each node's state to survive from one round to the next.
+                  "strategy='scaffold'")
     done, status = flwr_run(local_simulation, run_config)
     assert done.returncode == 0, done.stdout + done.stderr
     assert status["status"] == "finished:completed", done.stdout
@@ -30,6 +32,7 @@ def test_flwr_run_completes_and_writes_results(local_simulation: dict[str, str],
     results = load_results(run_dir)
     assert results["status"] == "completed" and results["kind"] == "federated"
     assert results["run_config"]["partitioner"] == "dirichlet"
+    assert results["run_config"]["strategy"] == "scaffold"
     assert [e["round"] for e in results["entries"]] == [0, 1, 2]
     for entry in results["entries"][1:]:
         assert entry["train_replies"] == 3 and entry["train_failures"] == 0

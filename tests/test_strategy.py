@@ -29,11 +29,13 @@ def state_dict() -> dict[str, torch.Tensor]:
 
 
 def reply(arrays: dict[str, torch.Tensor] | None, num_examples: object = 10,
-          node: int = 5) -> Message:
+          node: int = 5, **extra_records: dict[str, torch.Tensor]) -> Message:
     content = RecordDict({"metrics": MetricRecord({"num-examples": num_examples,
                                                    "train-loss": 1.0})})
     if arrays is not None:
         content["arrays"] = ArrayRecord(arrays)
+    for name, record in extra_records.items():
+        content[name] = ArrayRecord(record)
     instruction = Message(content=RecordDict(), dst_node_id=node, message_type="train")
     return Message(content=content, reply_to=instruction)
 
@@ -68,6 +70,9 @@ def test_bad_updates_are_named(change, expected: str) -> None:
 def test_replies_without_arrays_or_examples_are_rejected() -> None:
     assert "no ArrayRecord" in update_problem(reply(None), GLOBAL)
     assert "'num-examples'" in update_problem(reply(state_dict(), num_examples=0), GLOBAL)
+    # Flower would fail the whole round on a reply with a second ArrayRecord.
+    extra = reply(state_dict(), **{"control-delta": state_dict()})
+    assert "unexpected ArrayRecords ['control-delta']" in update_problem(extra, GLOBAL)
 
 
 def make_strategy(tmp_path: Path, **config: object):
@@ -143,3 +148,27 @@ def test_rounds_without_client_evaluation_record_nothing_for_it(tmp_path: Path) 
                                                     "validation-fraction": 0.0})
     assert strategy.aggregate_evaluate(1, []) is None
     assert recorder.entries == []
+
+
+def test_scaffold_sends_its_control_and_moves_it_by_the_clients_deltas(tmp_path: Path) -> None:
+    strategy, _ = make_strategy(tmp_path, strategy="scaffold")
+    messages = list(strategy.configure_train(1, GLOBAL, ConfigRecord(), FakeGrid(4)))
+    assert len(messages) == 2  # fraction-train 0.5 of 4 nodes
+    sent = messages[0].content["server-control"].to_torch_state_dict()
+    assert all(torch.equal(sent[k], torch.zeros_like(v)) for k, v in state_dict().items())
+
+    ones = {k: torch.ones_like(v) for k, v in state_dict().items()}
+    threes = {k: torch.full_like(v, 3.0) for k, v in state_dict().items()}
+    arrays, _ = strategy.aggregate_train(1, [
+        reply(ones, node=1, **{"control-delta": ones}),
+        reply(threes, node=2, **{"control-delta": threes}),
+        reply(ones, node=3),  # no control-delta: rejected, not aggregated
+    ])
+    model = arrays.to_torch_state_dict()
+    assert all(torch.equal(model[k], torch.full_like(v, 2.0)) for k, v in ones.items())
+    # c += |S|/N * mean(delta) = 2/4 * 2
+    messages = list(strategy.configure_train(2, arrays, ConfigRecord(), FakeGrid(4)))
+    sent = messages[0].content["server-control"].to_torch_state_dict()
+    assert all(torch.equal(sent[k], torch.ones_like(v)) for k, v in ones.items())
+    assert strategy.recorder.entries[0]["train_rejected"] == 1
+

@@ -98,6 +98,31 @@ def test_train_reports_each_epoch_and_proximal_term_limits_drift() -> None:
     assert drift(anchored) < drift(free)
 
 
+def test_drift_correction_moves_each_step_by_learning_rate_times_it() -> None:
+    data = random_tensors(16)
+    torch.manual_seed(0)
+    plain = task.Net()
+    corrected = task.Net()
+    corrected.load_state_dict(plain.state_dict())
+    correction = [torch.full_like(p, 0.5) for p in plain.parameters()]
+    # One batch, no momentum: the corrected step is the plain step less lr * correction.
+    task.train(plain, BatchLoader(data, 16), 1, 0.1, 0.0)
+    task.train(corrected, BatchLoader(data, 16), 1, 0.1, 0.0, drift_correction=correction)
+    for p, c in zip(plain.parameters(), corrected.parameters()):
+        torch.testing.assert_close(c, p - 0.05)
+
+
+def test_scaffold_client_control_follows_option_two() -> None:
+    client, server = [torch.tensor([1.0, 2.0])], [torch.tensor([0.5, 0.5])]
+    start, trained = [torch.tensor([3.0, 3.0])], [torch.tensor([1.0, 4.0])]
+    # c_i - c + (x - y) / (steps * lr) = [1, 2] - 0.5 + [2, -1] / (4 * 0.5)
+    new = task.scaffold_client_control(client, server, start, trained, steps=4,
+                                       learning_rate=0.5)
+    torch.testing.assert_close(new[0], torch.tensor([1.5, 1.0]))
+    with pytest.raises(ValueError, match="steps"):
+        task.scaffold_client_control(client, server, start, trained, 0, 0.5)
+
+
 class FixedPrediction(nn.Module):
     """Predicts class 0 for images whose first pixel is dark, class 1 otherwise."""
 
