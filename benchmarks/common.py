@@ -66,18 +66,18 @@ def flwr_run(run_config: str, federation_config: str | None = None,
              timeout: float = 3600) -> tuple[float, Path, str]:
     """``flwr run . --stream``; return (wall seconds, run folder, output).
 
-    Runs the one-time local simulation setup first (a no-op when it was done), so a
-    benchmark never meets a managed SuperLink that would ``uv sync`` the app's
-    dependencies into a fresh environment for the run."""
-    from fedcifar_app import local_simulation
+    Never on a managed SuperLink that would ``uv sync`` the app's dependencies into a
+    fresh environment for the run (minutes and gigabytes, and a different torch):
+    such a one is stopped, and ``flwr`` starts the next without installation."""
+    from fedcifar_app.local_simulation import DISABLE_INSTALL_ENV, stop_installing_superlinks
 
-    if local_simulation.main([]) != 0:
-        raise RuntimeError("python -m fedcifar_app.local_simulation failed")
+    stop_installing_superlinks()
     command = ["flwr", "run", ".", "--stream", "--run-config", run_config]
     if federation_config:
         command += ["--federation-config", federation_config]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, DISABLE_INSTALL_ENV: "1"})
     wall = time.perf_counter() - start
     marker = "outputs of this run: "
     lines = [line for line in done.stdout.splitlines() if marker in line]

@@ -105,6 +105,16 @@ def installs_dependencies(pid: int) -> bool:
     return f"{DISABLE_INSTALL_ENV}=1".encode() not in environment
 
 
+def stop_installing_superlinks(environ: Mapping[str, str] = os.environ) -> None:
+    """Stop the managed local SuperLink if it would uv-sync app dependencies per run;
+    the next ``flwr`` command started with DISABLE_INSTALL_ENV=1 starts a new one."""
+    for pid in managed_superlink_pids(environ):
+        if installs_dependencies(pid):
+            print(f"Stopping the local SuperLink (PID {pid}): it was started with runtime "
+                  "dependency installation on.")
+            stop_process_tree(pid)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedcifar_app.local_simulation",
                                      description=__doc__.split("\n\n")[0])
@@ -117,11 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.num_supernodes < 1 or args.cpus_per_client < 1:
         parser.error("--num-supernodes and --cpus-per-client must be >= 1")
 
-    for pid in managed_superlink_pids():
-        if installs_dependencies(pid):
-            print(f"Stopping the local SuperLink (PID {pid}): it was started with runtime "
-                  "dependency installation on.")
-            stop_process_tree(pid)
+    stop_installing_superlinks()
     environment = {**os.environ, DISABLE_INSTALL_ENV: "1"}
     # The flwr CLI starts the managed SuperLink if none runs, with this environment.
     command = ["flwr", "federation", "simulation-config",
