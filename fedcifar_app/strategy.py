@@ -77,8 +77,10 @@ def update_problem(reply: Message, global_arrays: ArrayRecord,
     unexpected = sorted(set(content.array_records) - set(record_names))
     if unexpected:
         return f"unexpected ArrayRecords {unexpected}"
-    metrics = content.metric_records.get("metrics")
-    examples = None if metrics is None else metrics.get("num-examples")
+    if list(content.metric_records) != ["metrics"]:
+        return (f"MetricRecords {sorted(content.metric_records)}, expected exactly one, "
+                "'metrics'")
+    examples = content.metric_records["metrics"].get("num-examples")
     if not isinstance(examples, (int, float)) or not examples > 0:
         return f"'num-examples' must be a positive number, got {examples!r}"
     for name in record_names:
@@ -86,6 +88,16 @@ def update_problem(reply: Message, global_arrays: ArrayRecord,
         if problem is not None:
             return f"{name}: {problem}"
     return None
+
+
+def metric_names(reply: Message) -> frozenset[str]:
+    return frozenset(reply.content.metric_records["metrics"].keys())
+
+
+def most_common_metric_names(replies: list[Message]) -> frozenset[str]:
+    """The metric names most replies send (the first reply's set wins a tie)."""
+    names = [metric_names(r) for r in replies]
+    return max(names, key=names.count, default=frozenset())
 
 
 def layout_problem(arrays: ArrayRecord, global_arrays: ArrayRecord) -> str | None:
@@ -197,19 +209,33 @@ class SafeguardsMixin:
         server_round += self.round_offset
         replies = list(replies)
         errors = [r for r in replies if r.has_error()]
-        usable, rejected = [], []
+        rejected = []
+
+        def reject(reply: Message, problem: str) -> None:
+            rejected.append(reply)
+            log(WARNING, "Round %d: dropped the update of node %d: %s", server_round,
+                reply.metadata.src_node_id, problem)
+
         # The ArrayRecords a training reply holds: the strategy's own (Scaffold) or Flower's.
         record_names = getattr(self, "reply_records", ("arrays",))
+        candidates = []
         for reply in replies:
             if reply.has_error():
                 continue
             problem = update_problem(reply, self._global_arrays, record_names)
             if problem is None:
+                candidates.append(reply)
+            else:
+                reject(reply, problem)
+        # Flower's aggregation fails the whole round unless all metric names match.
+        common_names = most_common_metric_names(candidates)
+        usable = []
+        for reply in candidates:
+            if metric_names(reply) == common_names:
                 usable.append(reply)
             else:
-                rejected.append(reply)
-                log(WARNING, "Round %d: dropped the update of node %d: %s", server_round,
-                    reply.metadata.src_node_id, problem)
+                reject(reply, f"metric names {sorted(metric_names(reply))} differ from the "
+                              f"other replies' {sorted(common_names)}")
         self.recorder.record(server_round, train_replies=len(usable),
                              train_failures=len(errors), train_rejected=len(rejected))
         if not usable:

@@ -73,6 +73,9 @@ def test_replies_without_arrays_or_examples_are_rejected() -> None:
     # Flower would fail the whole round on a reply with a second ArrayRecord.
     extra = reply(state_dict(), **{"control-delta": state_dict()})
     assert "unexpected ArrayRecords ['control-delta']" in update_problem(extra, GLOBAL)
+    two_metric_records = reply(state_dict())
+    two_metric_records.content["more"] = MetricRecord({"x": 1.0})
+    assert "expected exactly one" in update_problem(two_metric_records, GLOBAL)
 
 
 def make_strategy(tmp_path: Path, **config: object):
@@ -94,6 +97,18 @@ def test_aggregation_skips_bad_updates_and_counts_them(tmp_path: Path) -> None:
     assert all(torch.equal(aggregated[k], good[k]) for k in good)
     entry = recorder.entries[0]
     assert (entry["train_replies"], entry["train_rejected"], entry["train_failures"]) == (1, 2, 0)
+
+
+def test_replies_whose_metric_names_differ_from_the_others_are_dropped(tmp_path: Path) -> None:
+    strategy, recorder = make_strategy(tmp_path)
+    good = {k: torch.ones_like(v) for k, v in state_dict().items()}
+    odd = reply({k: torch.full_like(v, 5.0) for k, v in good.items()}, node=3)
+    odd.content["metrics"]["extra-metric"] = 1.0
+    arrays, metrics = strategy.aggregate_train(1, [reply(good, node=1), odd,
+                                                   reply(good, node=2)])
+    assert all(torch.equal(v, good[k]) for k, v in arrays.to_torch_state_dict().items())
+    assert "extra-metric" not in metrics
+    assert recorder.entries[0]["train_rejected"] == 1
 
 
 def test_a_round_without_usable_updates_fails_the_run(tmp_path: Path) -> None:
