@@ -73,7 +73,7 @@ class RunRecorder:
         if accuracy is not None and state_dict is not None and accuracy > self.best_accuracy:
             self.best_accuracy, self.best_index = accuracy, index
             atomic_write(self.run_dir / BEST_MODEL_FILE,
-                          lambda tmp: torch.save(state_dict, tmp))
+                         lambda tmp: torch.save(state_dict, tmp))
         self.write()
         return entry
 
@@ -90,7 +90,7 @@ class RunRecorder:
         self.status = status
         if final_state_dict is not None:
             atomic_write(self.run_dir / FINAL_MODEL_FILE,
-                          lambda tmp: torch.save(final_state_dict, tmp))
+                         lambda tmp: torch.save(final_state_dict, tmp))
         self.write()
         plot_accuracy([self.summary()], self.run_dir / PLOT_FILE)
 

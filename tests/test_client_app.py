@@ -140,4 +140,3 @@ def test_scaffold_keeps_the_client_control_in_the_node_state(
     # The stored c_i corrected the second round: it trained elsewhere than the first.
     again = second.content["arrays"].to_torch_state_dict()
     assert any(not torch.allclose(again[k], trained[k]) for k in start)
-

@@ -186,4 +186,3 @@ def test_scaffold_sends_its_control_and_moves_it_by_the_clients_deltas(tmp_path:
     sent = messages[0].content["server-control"].to_torch_state_dict()
     assert all(torch.equal(sent[k], torch.ones_like(v)) for k, v in ones.items())
     assert strategy.recorder.entries[0]["train_rejected"] == 1
-
