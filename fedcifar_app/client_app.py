@@ -97,8 +97,10 @@ def _reply(msg: Message, metrics: dict, net: task.Net | None = None) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received model on this node's training data."""
-    config, train_data, _ = _setup(context)
+    config, train_data, validation_data = _setup(context)
     net = _received_model(msg)
+    # evaluate-in-train: the received model's evaluation rides on the training reply.
+    evaluation = _evaluation(net, validation_data) if config.evaluate_in_train else {}
     server_round = int(msg.content["config"]["server-round"])
     # A distinct, reproducible shuffle/augmentation stream per (seed, round, node).
     node = context.node_config.get("partition-id", context.node_id)
@@ -115,7 +117,8 @@ def train(msg: Message, context: Context) -> Message:
         drift_correction=None if scaffold is None else scaffold.drift_correction(),
     )
     metrics = {"train-loss": train_loss, "num-examples": len(train_data),
-               "train-seconds": time.perf_counter() - started}
+               "train-seconds": time.perf_counter() - started,
+               **{f"eval-{name}": value for name, value in evaluation.items()}}
     reply = _reply(msg, metrics, net)
     if scaffold is not None:
         reply.content["control-delta"] = scaffold.update(
@@ -173,7 +176,12 @@ def _parameter_record(net: task.Net, tensors: list[torch.Tensor]) -> ArrayRecord
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model on this node's validation data."""
     _, _, validation_data = _setup(context)
-    loss, accuracy = task.test(_received_model(msg),
-                               BatchLoader(validation_data, task.EVAL_BATCH_SIZE))
-    return _reply(msg, {"eval-loss": loss, "eval-accuracy": accuracy,
-                        "num-examples": len(validation_data)})
+    evaluation = _evaluation(_received_model(msg), validation_data)
+    return _reply(msg, {"eval-loss": evaluation["loss"],
+                        "eval-accuracy": evaluation["accuracy"],
+                        "num-examples": evaluation["num-examples"]})
+
+
+def _evaluation(net: task.Net, data: ImageTensors) -> dict[str, float]:
+    loss, accuracy = task.test(net, BatchLoader(data, task.EVAL_BATCH_SIZE))
+    return {"loss": loss, "accuracy": accuracy, "num-examples": len(data)}

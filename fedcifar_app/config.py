@@ -73,11 +73,19 @@ class RunConfig:
         120.0, "Seconds a round waits for min-available-nodes before the run fails.",
         _positive)
     round_timeout: float = _setting(
-        600.0, "Seconds a round waits for replies; nodes that have not replied count as "
-        "failed.", _positive)
+        600.0, "Seconds a node has to reply to an instruction; one that has not replied by "
+        "then counts as failed (and is replaced, see round-retries).", _positive)
+    round_retries: int = _setting(
+        3, "Replacements per round phase: an instruction whose node fails (error, "
+        "disconnect, round-timeout) goes to a connected node not yet tried in the phase, "
+        "at most this many times (0: none).", _at_least(0))
     resume_from: str = _setting(
         "", "A checkpoint.pt (or the run folder holding it) to continue from; empty: start "
         "afresh.")
+    evaluate_in_train: bool = _setting(
+        False, "Nodes sampled for training first evaluate the model they received on their "
+        "validation split and send that with the training reply; no separate evaluation "
+        "phase (fraction-evaluate is not used). Halves a deployment round's messages.")
     local_epochs: int = _setting(2, "Epochs each node trains per round.", _at_least(1))
     batch_size: int = _setting(32, "Training and evaluation batch size.", _at_least(1))
     learning_rate: float = _setting(0.01, "SGD learning rate (client side).", _positive)
@@ -154,10 +162,15 @@ class RunConfig:
 
     def _inconsistencies(self) -> list[str]:
         """Problems of combinations of keys, each valid on its own."""
-        if self.validation_fraction == 0 and self.fraction_evaluate > 0:
-            return ["'validation-fraction' is 0, so nodes hold no validation data: set "
-                    "'fraction-evaluate' to 0 as well"]
-        return []
+        problems = []
+        if self.validation_fraction == 0 and self.fraction_evaluate > 0 \
+                and not self.evaluate_in_train:
+            problems.append("'validation-fraction' is 0, so nodes hold no validation data: "
+                            "set 'fraction-evaluate' to 0 as well")
+        if self.validation_fraction == 0 and self.evaluate_in_train:
+            problems.append("'evaluate-in-train' needs validation data: 'validation-fraction' "
+                            "must be > 0")
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         """The config as run-config keys (hyphenated), e.g. for results.json."""

@@ -69,6 +69,15 @@ def write_dataset(directory: Path, num_train: int = 400, num_test: int = 100,
     return directory
 
 
+@pytest.fixture
+def server_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's runtime sets who is running (here: the ServerApp) before a Message is built."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attribute, value in {"_run_id": 1, "_node_id": 0, "_task_id": 1}.items():
+        monkeypatch.setattr(TaskIdentity, attribute, value)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data") / "cifar10-tiny")

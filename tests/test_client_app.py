@@ -140,3 +140,18 @@ def test_scaffold_keeps_the_client_control_in_the_node_state(
     # The stored c_i corrected the second round: it trained elsewhere than the first.
     again = second.content["arrays"].to_torch_state_dict()
     assert any(not torch.allclose(again[k], trained[k]) for k in start)
+
+
+def test_evaluate_in_train_reports_the_received_models_evaluation(
+        tiny_dataset: Path, cache_dir: Path) -> None:
+    net = task.Net()
+    context = make_context(tiny_dataset, cache_dir, SIMULATED)
+    separate = client_app.app(make_message("evaluate", net), context).content["metrics"]
+    folded_context = make_context(tiny_dataset, cache_dir, SIMULATED,
+                                  **{"evaluate-in-train": True})
+    reply = client_app.app(make_message("train", net), folded_context)
+    metrics = reply.content["metrics"]
+    # The model it received, not the one it trained, was evaluated.
+    assert metrics["eval-accuracy"] == separate["eval-accuracy"]
+    assert metrics["eval-loss"] == pytest.approx(separate["eval-loss"])
+    assert metrics["eval-num-examples"] == 10 and metrics["num-examples"] == 90

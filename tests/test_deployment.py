@@ -17,7 +17,7 @@ import pytest
 from fedcifar_app import federation as launcher
 from fedcifar_app.local_simulation import descendants
 from fedcifar_app.results import RESULTS_FILE, load_results
-from fedcifar_app.strategy import CHECKPOINT_FILE
+from fedcifar_app.strategies import CHECKPOINT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 300

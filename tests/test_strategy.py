@@ -11,16 +11,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedcifar_app import task
 from fedcifar_app.config import RunConfig
 from fedcifar_app.results import RunRecorder
-from fedcifar_app.strategy import (RunFailedError, build_strategy, load_checkpoint,
-                                   update_problem)
+from fedcifar_app.strategies import RunFailedError, build_strategy, load_checkpoint
+from fedcifar_app.strategies.safeguards import update_problem
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attribute, value in {"_run_id": 1, "_node_id": 0, "_task_id": 1}.items():
-        monkeypatch.setattr(TaskIdentity, attribute, value)
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 def state_dict() -> dict[str, torch.Tensor]:
@@ -186,3 +181,41 @@ def test_scaffold_sends_its_control_and_moves_it_by_the_clients_deltas(tmp_path:
     sent = messages[0].content["server-control"].to_torch_state_dict()
     assert all(torch.equal(sent[k], torch.ones_like(v)) for k, v in ones.items())
     assert strategy.recorder.entries[0]["train_rejected"] == 1
+
+
+def test_evaluate_in_train_records_the_nodes_evaluation_of_the_previous_model(
+        tmp_path: Path) -> None:
+    strategy, recorder = make_strategy(tmp_path, **{"evaluate-in-train": True})
+    assert list(strategy.configure_evaluate(1, GLOBAL, ConfigRecord(), FakeGrid(4))) == []
+    good = {k: torch.ones_like(v) for k, v in state_dict().items()}
+    replies = [reply(good, node=1), reply(good, node=2)]
+    for message, (accuracy, examples) in zip(replies, [(0.5, 30), (0.8, 10)]):
+        message.content["metrics"].update({"eval-loss": 1.0, "eval-accuracy": accuracy,
+                                           "eval-num-examples": examples})
+    _, metrics = strategy.aggregate_train(3, replies)
+    assert set(metrics) == {"train-loss"}  # Flower drops the weight, num-examples
+    round_two, round_three = recorder.entries
+    assert round_two["round"] == 2 and round_two["evaluate_replies"] == 2
+    # Weighted by the validation examples, not by the training examples.
+    assert round_two["evaluate"]["eval-accuracy"] == pytest.approx((0.5 * 30 + 0.8 * 10) / 40)
+    assert "evaluate" not in round_three and round_three["train_nodes"] == [1, 2]
+
+
+def test_evaluation_replies_flower_cannot_aggregate_are_dropped_not_fatal(
+        tmp_path: Path) -> None:
+    strategy, recorder = make_strategy(tmp_path)
+
+    def evaluation(node: int, **metrics: float) -> Message:
+        instruction = Message(content=RecordDict(), dst_node_id=node, message_type="evaluate")
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}),
+                       reply_to=instruction)
+
+    replies = [evaluation(1, **{"eval-accuracy": 0.5, "num-examples": 10}),
+               evaluation(2, **{"eval-accuracy": 0.7, "num-examples": 10}),
+               evaluation(3, **{"eval-accuracy": 0.1, "num-examples": 10, "odd": 1.0}),
+               evaluation(4, **{"eval-accuracy": 0.1})]
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["eval-accuracy"] == pytest.approx(0.6)
+    entry = recorder.entries[0]
+    assert (entry["evaluate_replies"], entry["evaluate_rejected"]) == (2, 2)
+    assert strategy.aggregate_evaluate(2, replies[3:]) is None

@@ -1,8 +1,8 @@
-"""Flower strategies made safe for real deployments.
+"""Safeguards that make Flower's strategies fit for real deployments.
 
-``build_strategy`` subclasses the configured Flower strategy (FedAvg, FedProx,
-FedAvgM, FedAdam, or ``Scaffold`` below) with ``SafeguardsMixin``, which adds what
-Flower 1.42 leaves to the app, without copying the strategy's loop:
+``build_strategy`` (in this package) subclasses the configured Flower strategy with
+``SafeguardsMixin``, which adds what Flower 1.42 leaves to the app, without
+copying the strategy's loop:
 
 * waiting for nodes is bounded by ``node-wait-timeout``; too few nodes fail the run;
 * training replies whose arrays are not a finite copy of the global model's
@@ -26,15 +26,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
-from fedcifar_app.config import RunConfig
 from fedcifar_app.results import RunRecorder, atomic_write
+from fedcifar_app.strategies.recovery import PhaseReport
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# With evaluate-in-train, a training reply's metrics that start with this prefix are
+# the node's evaluation of the model it received, weighted by 'eval-num-examples'.
+FOLDED_EVALUATION_PREFIX = "eval-"
+FOLDED_EVALUATION_WEIGHT = "eval-num-examples"
 
 
 class RunFailedError(RuntimeError):
@@ -90,6 +93,29 @@ def update_problem(reply: Message, global_arrays: ArrayRecord,
     return None
 
 
+def evaluation_problem(reply: Message) -> str | None:
+    """Why a (non-error) evaluation reply must not be aggregated, or None if it may."""
+    if list(reply.content.metric_records) != ["metrics"]:
+        return "expected exactly one MetricRecord, 'metrics'"
+    examples = reply.content.metric_records["metrics"].get("num-examples")
+    if not isinstance(examples, (int, float)) or not examples > 0:
+        return f"'num-examples' must be a positive number, got {examples!r}"
+    return None
+
+
+def folded_evaluation(replies: list[Message]) -> dict[str, float]:
+    """The evaluation metrics training replies carry (evaluate-in-train), averaged
+    weighted by each node's number of validation examples, as Flower's evaluation is."""
+    rows = [r.content["metrics"] for r in replies]
+    total = sum(float(m[FOLDED_EVALUATION_WEIGHT]) for m in rows)
+    if total == 0:
+        return {}
+    names = [k for k in rows[0] if k.startswith(FOLDED_EVALUATION_PREFIX)
+             and k != FOLDED_EVALUATION_WEIGHT]
+    return {name: sum(float(m[name]) * float(m[FOLDED_EVALUATION_WEIGHT]) for m in rows)
+            / total for name in names}
+
+
 def metric_names(reply: Message) -> frozenset[str]:
     return frozenset(reply.content.metric_records["metrics"].keys())
 
@@ -118,50 +144,6 @@ def layout_problem(arrays: ArrayRecord, global_arrays: ArrayRecord) -> str | Non
     return None
 
 
-class Scaffold(FedAvg):
-    """SCAFFOLD (Karimireddy et al. 2020) with a global learning rate of 1, as in
-    NIID-Bench: FedAvg of the clients' weights, plus control variates that correct
-    each client's drift towards its own optimum.
-
-    Every training instruction carries the server control ``c`` as the ArrayRecord
-    'server-control'; the ClientApp keeps its own ``c_i`` in its node state and
-    replies with 'control-delta' (its change of ``c_i``), and ``c`` moves by the
-    mean delta times the fraction of nodes that trained. ``c`` is not in the
-    checkpoint: a resumed run starts it at zero, like the clients' node state.
-    """
-
-    reply_records = ("arrays", "control-delta")
-    server_control: dict[str, np.ndarray] | None = None
-    nodes_connected: int = 0
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        if self.server_control is None:
-            self.server_control = {k: np.zeros_like(v.numpy()) for k, v in arrays.items()}
-        control = ArrayRecord({k: Array(v) for k, v in self.server_control.items()})
-        for message in messages:
-            message.content["server-control"] = control
-        self.nodes_connected = len(list(grid.get_node_ids()))
-        return messages
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
-        replies = list(replies)
-        deltas = []
-        for reply in replies:
-            if not reply.has_error():
-                deltas.append(reply.content["control-delta"])
-                # FedAvg aggregates every ArrayRecord of a reply into the model.
-                del reply.content["control-delta"]
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if deltas and self.server_control is not None:
-            participation = len(deltas) / max(self.nodes_connected, len(deltas))
-            for key, control in self.server_control.items():
-                mean_delta = sum(delta[key].numpy() for delta in deltas) / len(deltas)
-                control += participation * mean_delta
-        return arrays, metrics
-
-
 class SafeguardsMixin:
     """Mixed in before a Flower strategy class; see the module docstring."""
 
@@ -172,6 +154,7 @@ class SafeguardsMixin:
     round_offset: int = 0  # rounds already done by the run this one resumes
     samples_trained: int = 0
     min_available_nodes: int
+    evaluate_in_train: bool = False
     _global_arrays: ArrayRecord
 
     def resume_from(self, checkpoint: Checkpoint) -> None:
@@ -201,9 +184,21 @@ class SafeguardsMixin:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.evaluate_in_train:  # the training replies carry the evaluation
+            return []
         self.wait_for_nodes(grid)
         return super().configure_evaluate(  # type: ignore[misc]
             server_round + self.round_offset, arrays, config, grid)
+
+    def record_phase(self, report: PhaseReport) -> None:
+        """RecoveringGrid's account of a phase: replacements, timeouts, failed nodes."""
+        if report.server_round is None:
+            return
+        phase = "train" if report.message_type == MessageType.TRAIN else "evaluate"
+        self.recorder.record(report.server_round, **{
+            f"{phase}_replacements": report.replacements,
+            f"{phase}_timeouts": report.timeouts,
+            f"{phase}_failed_nodes": [[node, why] for node, why in report.failures]})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
         server_round += self.round_offset
@@ -237,7 +232,8 @@ class SafeguardsMixin:
                 reject(reply, f"metric names {sorted(metric_names(reply))} differ from the "
                               f"other replies' {sorted(common_names)}")
         self.recorder.record(server_round, train_replies=len(usable),
-                             train_failures=len(errors), train_rejected=len(rejected))
+                             train_failures=len(errors), train_rejected=len(rejected),
+                             train_nodes=sorted(r.metadata.src_node_id for r in usable))
         if not usable:
             raise RunFailedError(
                 f"round {server_round}: none of the {len(replies)} training replies could be "
@@ -250,59 +246,38 @@ class SafeguardsMixin:
         # Summed, unlike the weighted mean in `train`: the round's compute in CPU-seconds.
         client_train_seconds = sum(float(r.content["metrics"].get("train-seconds", 0.0))
                                    for r in usable)
-        self.recorder.record(server_round, train=dict(metrics or {}),
+        train_metrics = {k: v for k, v in (metrics or {}).items()
+                         if not k.startswith(FOLDED_EVALUATION_PREFIX)}
+        self.recorder.record(server_round, train=train_metrics,
                              samples_trained=self.samples_trained,
                              client_train_seconds=round(client_train_seconds, 3))
+        if self.evaluate_in_train:
+            # The nodes evaluated the model they received: the previous round's.
+            self.recorder.record(server_round - 1, evaluate=folded_evaluation(usable),
+                                 evaluate_replies=len(usable))
         self.save_checkpoint(server_round, arrays)
-        return arrays, metrics
+        return arrays, MetricRecord(train_metrics)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Any:
         server_round += self.round_offset
         replies = list(replies)
-        metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
-        if not replies:  # fraction-evaluate 0: nothing was asked
-            return metrics
-        failures = sum(r.has_error() for r in replies)
-        if failures == len(replies):
+        if not replies:  # fraction-evaluate 0 or evaluate-in-train: nothing was asked
+            return None
+        failures = [r for r in replies if r.has_error()]
+        # Evaluation never fails a run: replies Flower could not aggregate are dropped.
+        candidates = [r for r in replies
+                      if not r.has_error() and evaluation_problem(r) is None]
+        common_names = most_common_metric_names(candidates)
+        usable = [r for r in candidates if metric_names(r) == common_names]
+        metrics = super().aggregate_evaluate(server_round, usable)  # type: ignore[misc]
+        if not usable:
             log(WARNING, "Round %d: no client evaluation succeeded", server_round)
         self.recorder.record(server_round, evaluate=dict(metrics or {}),
-                             evaluate_replies=len(replies) - failures,
-                             evaluate_failures=failures)
+                             evaluate_replies=len(usable), evaluate_failures=len(failures),
+                             evaluate_rejected=len(replies) - len(failures) - len(usable))
         return metrics
 
     def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
         checkpoint = {"round": server_round, "model": arrays.to_torch_state_dict(),
                       "samples_trained": self.samples_trained}
         atomic_write(self.checkpoint_path, lambda tmp: torch.save(checkpoint, tmp))
-
-
-STRATEGY_CLASSES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM,
-                    "fedadam": FedAdam, "scaffold": Scaffold}
-
-
-def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
-    """The configured Flower strategy with the safeguards mixed in."""
-    base = STRATEGY_CLASSES[config.strategy]
-    specific: dict[str, Any] = {
-        "fedavg": {},
-        "fedprox": {"proximal_mu": config.fedprox_mu},
-        "fedavgm": {"server_learning_rate": config.fedavgm_server_lr,
-                    "server_momentum": config.fedavgm_momentum},
-        "fedadam": {"eta": config.fedadam_eta, "tau": config.fedadam_tau},
-        "scaffold": {},
-    }[config.strategy]
-    strategy_class = type(f"Safe{base.__name__}", (SafeguardsMixin, base), {})
-    strategy = strategy_class(
-        fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate,
-        # Sample by fraction alone; min-available-nodes says how many must be connected.
-        min_train_nodes=1,
-        min_evaluate_nodes=1,
-        min_available_nodes=config.min_available_nodes,
-        **specific,
-    )
-    strategy.recorder = recorder
-    strategy.local_epochs = config.local_epochs
-    strategy.node_wait_timeout = config.node_wait_timeout
-    strategy.checkpoint_path = recorder.run_dir / CHECKPOINT_FILE
-    return strategy

@@ -1,0 +1,55 @@
+"""Server-side strategies: Flower's, made safe for deployments, plus SCAFFOLD.
+
+* ``safeguards``: ``SafeguardsMixin`` (bounded waits, update filter, loud failure,
+  checkpoints, results) mixed into every strategy;
+* ``scaffold``: SCAFFOLD, which Flower 1.42 does not ship;
+* ``recovery``: ``RecoveringGrid``, which replaces nodes that fail mid-round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+
+from fedcifar_app.config import RunConfig
+from fedcifar_app.results import RunRecorder
+from fedcifar_app.strategies.safeguards import (CHECKPOINT_FILE, Checkpoint, RunFailedError,
+                                                SafeguardsMixin, load_checkpoint)
+from fedcifar_app.strategies.recovery import RecoveringGrid
+from fedcifar_app.strategies.scaffold import Scaffold
+
+__all__ = ["CHECKPOINT_FILE", "Checkpoint", "RecoveringGrid", "RunFailedError",
+           "build_strategy", "load_checkpoint"]
+
+STRATEGY_CLASSES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM,
+                    "fedadam": FedAdam, "scaffold": Scaffold}
+
+
+def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
+    """The configured Flower strategy with the safeguards mixed in."""
+    base = STRATEGY_CLASSES[config.strategy]
+    specific: dict[str, Any] = {
+        "fedavg": {},
+        "fedprox": {"proximal_mu": config.fedprox_mu},
+        "fedavgm": {"server_learning_rate": config.fedavgm_server_lr,
+                    "server_momentum": config.fedavgm_momentum},
+        "fedadam": {"eta": config.fedadam_eta, "tau": config.fedadam_tau},
+        "scaffold": {},
+    }[config.strategy]
+    strategy_class = type(f"Safe{base.__name__}", (SafeguardsMixin, base), {})
+    strategy = strategy_class(
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        # Sample by fraction alone; min-available-nodes says how many must be connected.
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=config.min_available_nodes,
+        **specific,
+    )
+    strategy.recorder = recorder
+    strategy.local_epochs = config.local_epochs
+    strategy.node_wait_timeout = config.node_wait_timeout
+    strategy.checkpoint_path = recorder.run_dir / CHECKPOINT_FILE
+    strategy.evaluate_in_train = config.evaluate_in_train
+    return strategy

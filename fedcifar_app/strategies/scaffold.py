@@ -1,0 +1,55 @@
+"""SCAFFOLD, which Flower 1.42 does not ship, as a Flower strategy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+
+class Scaffold(FedAvg):
+    """SCAFFOLD (Karimireddy et al. 2020) with a global learning rate of 1, as in
+    NIID-Bench: FedAvg of the clients' weights, plus control variates that correct
+    each client's drift towards its own optimum.
+
+    Every training instruction carries the server control ``c`` as the ArrayRecord
+    'server-control'; the ClientApp keeps its own ``c_i`` in its node state and
+    replies with 'control-delta' (its change of ``c_i``), and ``c`` moves by the
+    mean delta times the fraction of nodes that trained. ``c`` is not in the
+    checkpoint: a resumed run starts it at zero, like the clients' node state.
+    """
+
+    reply_records = ("arrays", "control-delta")
+    server_control: dict[str, np.ndarray] | None = None
+    nodes_connected: int = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.server_control is None:
+            self.server_control = {k: np.zeros_like(v.numpy()) for k, v in arrays.items()}
+        control = ArrayRecord({k: Array(v) for k, v in self.server_control.items()})
+        for message in messages:
+            message.content["server-control"] = control
+        self.nodes_connected = len(list(grid.get_node_ids()))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+        replies = list(replies)
+        deltas = []
+        for reply in replies:
+            if not reply.has_error():
+                deltas.append(reply.content["control-delta"])
+                # FedAvg aggregates every ArrayRecord of a reply into the model.
+                del reply.content["control-delta"]
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if deltas and self.server_control is not None:
+            participation = len(deltas) / max(self.nodes_connected, len(deltas))
+            for key, control in self.server_control.items():
+                mean_delta = sum(delta[key].numpy() for delta in deltas) / len(deltas)
+                control += participation * mean_delta
+        return arrays, metrics
