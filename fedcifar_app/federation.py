@@ -23,6 +23,7 @@ import datetime
 import ipaddress
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,11 +35,14 @@ from pathlib import Path
 
 import tomli_w
 
-from fedcifar_app.local_simulation import stop_process_tree
+from fedcifar_app.local_simulation import is_alive, stop_process_tree
 
 DEFAULT_NAME = "local-deployment"
 STATE_FILE = "federation.json"
 STARTUP_TIMEOUT = 30.0
+# The SuperExec that every SuperLink and SuperNode starts looks for new tasks (a
+# ServerApp, a ClientApp message) every second by default: every message waits for it.
+SUPEREXEC_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
 def flwr_home() -> Path:
@@ -65,6 +69,10 @@ class Federation:
     nodes: int
     superlink_pid: int = 0
     supernode_pids: list[int] = field(default_factory=list)
+    # The exact command of each process, so that a node (or the SuperLink) can be
+    # restarted as it was: same port, database, key and data.
+    superlink_command: list[str] = field(default_factory=list)
+    supernode_commands: list[list[str]] = field(default_factory=list)
     node_data: list[str] = field(default_factory=list)
     tls: bool = False
     auth: bool = False
@@ -160,14 +168,15 @@ def split_node_data(source: Path, directory: Path, nodes: int, seed: int) -> lis
 def _start(command: list[str], log_file: Path) -> int:
     with open(log_file, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, start_new_session=True,
+                                   env={**os.environ, **SUPEREXEC_POLL_ENV})
     return process.pid
 
 
 def _wait_for_port(port: int, pid: int, log_file: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists():
+        if not is_alive(pid):
             raise RuntimeError(f"the SuperLink exited during start-up; see {log_file}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -248,10 +257,44 @@ def _start_superlink(federation: Federation) -> None:
         command.append("--insecure")
     if federation.auth:
         command.append("--enable-supernode-auth")
+    federation.superlink_command = command
+    _launch_superlink(federation)
+
+
+def _launch_superlink(federation: Federation) -> None:
     log_file = federation.path("superlink.log")
-    federation.superlink_pid = _start(command, log_file)
+    federation.superlink_pid = _start(federation.superlink_command, log_file)
     federation.save()
     _wait_for_port(federation.superlink_port, federation.superlink_pid, log_file)
+
+
+def restart_superlink(federation: Federation, kill: bool = True) -> int:
+    """Stop the SuperLink (SIGKILL by default, as a crash would) and start it again
+    with the same command, so on the same port and database; return its new PID.
+    SuperNodes keep retrying meanwhile and reconnect by themselves."""
+    if _is_ours(federation.superlink_pid):
+        stop_process_tree(federation.superlink_pid, first_signal=_stop_signal(kill))
+    _launch_superlink(federation)
+    return federation.superlink_pid
+
+
+def _stop_signal(kill: bool) -> signal.Signals:
+    return signal.SIGKILL if kill else signal.SIGTERM
+
+
+def restart_supernode(federation: Federation, node: int, kill: bool = True) -> int:
+    """Stop SuperNode ``node`` (SIGKILL by default) and start it again with the same
+    command (same key, data and node config); return its new PID.
+
+    After a SIGKILL, flwr 1.42's SuperLink refuses the same key until it has marked
+    the old session offline (two missed 30 s heartbeats), and the new SuperNode
+    exits with code 305; a graceful stop (``kill=False``) deregisters it first."""
+    if _is_ours(federation.supernode_pids[node]):
+        stop_process_tree(federation.supernode_pids[node], first_signal=_stop_signal(kill))
+    federation.supernode_pids[node] = _start(federation.supernode_commands[node],
+                                             federation.path(f"supernode-{node}.log"))
+    federation.save()
+    return federation.supernode_pids[node]
 
 
 def add_supernode(federation: Federation, register: bool = True) -> int:
@@ -284,6 +327,7 @@ def add_supernode(federation: Federation, register: bool = True) -> int:
                                    f"{registered.stdout}{registered.stderr}")
     pid = _start(command, federation.path(f"supernode-{node}.log"))
     federation.supernode_pids.append(pid)
+    federation.supernode_commands.append(command)
     federation.save()
     return pid
 

@@ -75,23 +75,26 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def stop_process_tree(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM ``pid`` and its descendants, SIGKILL whatever outlives ``timeout``."""
+def stop_process_tree(pid: int, timeout: float = 10.0,
+                      first_signal: signal.Signals = signal.SIGTERM) -> None:
+    """Send ``first_signal`` to ``pid`` and its descendants, SIGKILL whatever outlives
+    ``timeout``, and return once all are gone. SIGKILL first is how a crash looks:
+    no goodbye to the SuperLink."""
     tree = [pid, *descendants(pid)]
     for member in tree:
         try:
-            os.kill(member, signal.SIGTERM)
+            os.kill(member, first_signal)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(m) for m in tree):
+    while time.monotonic() < deadline and any(is_alive(m) for m in tree):
         time.sleep(0.1)
     for member in tree:
-        if _alive(member):
+        if is_alive(member):
             os.kill(member, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
     stat = _read_proc(pid, "stat")
     # A zombie (state Z) has exited; only its parent's wait() is missing.
     return bool(stat) and stat.rsplit(b")", 1)[1].split()[0] != b"Z"

@@ -60,15 +60,19 @@ class RunRecorder:
         return time.monotonic() - self.started
 
     def record(self, index: int, state_dict: dict[str, torch.Tensor] | None = None,
-               **values: Any) -> dict[str, Any]:
-        """Add or update the entry of round/epoch ``index``; save the best model."""
+               timed: bool = True, **values: Any) -> dict[str, Any]:
+        """Add or update the entry of round/epoch ``index``; save the best model.
+
+        ``elapsed_s`` becomes the time of this call, unless ``timed`` is False (values
+        that arrive after their round ended, which must not move its end)."""
         entry = next((e for e in self.entries if e[self.unit] == index), None)
         if entry is None:
             entry = {self.unit: index}
             self.entries.append(entry)
             self.entries.sort(key=lambda e: e[self.unit])
         entry.update(values)
-        entry["elapsed_s"] = round(self.elapsed, 3)
+        if timed or "elapsed_s" not in entry:
+            entry["elapsed_s"] = round(self.elapsed, 3)
         accuracy = values.get("test_accuracy")
         if accuracy is not None and state_dict is not None and accuracy > self.best_accuracy:
             self.best_accuracy, self.best_index = accuracy, index

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from tests.conftest import ROOT, run
@@ -82,3 +83,17 @@ def test_niid_bench_runs_and_skips_finished_runs(local_simulation: dict[str, str
     assert "fedavg-iid" in benchmark("niid_bench", local_simulation, *args)
     again = json.loads((tmp_path / "results" / "niid_bench.json").read_text())
     assert again["runs"]["fedavg-iid"]["run_dir"] == run_state["run_dir"]
+
+
+def test_deployment_against_simulation(local_simulation: dict[str, str], tiny_dataset: Path,
+                                       tmp_path: Path) -> None:
+    stdout = benchmark("deployment", local_simulation, *data_args(tiny_dataset, tmp_path),
+                       "--nodes", "2", "--rounds", "2", "--run-config", "evaluate-in-train=true")
+    report = json.loads((tmp_path / "results" / "deployment.json").read_text())
+    for name in ("simulation", "deployment"):
+        assert report[name]["status"] == "completed" and len(report[name]["round_s"]) == 2
+    assert report["ratio"] > 0
+    assert report["deployment_breakdown_s"]["ClientApp process start and imports"] > 0
+    assert "ratio deployment / simulation" in stdout
+    # The benchmark's own federation was stopped: no launcher state is left behind.
+    assert not list(Path(tempfile.gettempdir()).glob("fedcifar-bench-flwr-*"))

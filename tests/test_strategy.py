@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,8 @@ def test_evaluate_in_train_records_the_nodes_evaluation_of_the_previous_model(
         tmp_path: Path) -> None:
     strategy, recorder = make_strategy(tmp_path, **{"evaluate-in-train": True})
     assert list(strategy.configure_evaluate(1, GLOBAL, ConfigRecord(), FakeGrid(4))) == []
+    round_two_ended = recorder.record(2, test_accuracy=0.1)["elapsed_s"]
+    time.sleep(0.01)
     good = {k: torch.ones_like(v) for k, v in state_dict().items()}
     replies = [reply(good, node=1), reply(good, node=2)]
     for message, (accuracy, examples) in zip(replies, [(0.5, 30), (0.8, 10)]):
@@ -196,6 +199,7 @@ def test_evaluate_in_train_records_the_nodes_evaluation_of_the_previous_model(
     assert set(metrics) == {"train-loss"}  # Flower drops the weight, num-examples
     round_two, round_three = recorder.entries
     assert round_two["round"] == 2 and round_two["evaluate_replies"] == 2
+    assert round_two["elapsed_s"] == round_two_ended  # still when round 2 ended
     # Weighted by the validation examples, not by the training examples.
     assert round_two["evaluate"]["eval-accuracy"] == pytest.approx((0.5 * 30 + 0.8 * 10) / 40)
     assert "evaluate" not in round_three and round_three["train_nodes"] == [1, 2]

@@ -253,7 +253,8 @@ class SafeguardsMixin:
                              client_train_seconds=round(client_train_seconds, 3))
         if self.evaluate_in_train:
             # The nodes evaluated the model they received: the previous round's.
-            self.recorder.record(server_round - 1, evaluate=folded_evaluation(usable),
+            self.recorder.record(server_round - 1, timed=False,
+                                 evaluate=folded_evaluation(usable),
                                  evaluate_replies=len(usable))
         self.save_checkpoint(server_round, arrays)
         return arrays, MetricRecord(train_metrics)

@@ -1,0 +1,129 @@
+"""Deployment against simulation: the same run config, side by side in one run.
+
+    python benchmarks/deployment.py --dataset /abs/path/to/cifar10 [--nodes 3] [--rounds 5]
+        [--run-config "evaluate-in-train=true"]
+
+Runs the default config for --rounds rounds (plus --run-config) twice: as a
+simulation with --nodes virtual SuperNodes (one CPU each) and as a real loopback
+deployment (``fedcifar_app.federation up --nodes N --tls --auth --data DATASET``:
+one SuperLink, N SuperNodes, each with its own data folder and one torch thread,
+as in the simulation). Before the deployment, every node's folder is decoded into
+the cache, so no round pays for decoding. Reports the steady seconds per round
+(median of rounds 2 on) of each, their ratio, test accuracy after the last round,
+and where a deployment round's time goes: the clients' training, the server's
+test-set evaluation, a ClientApp process's start (Python, flwr-clientapp and app
+imports, measured here), and the rest (messaging, the SuperNode's 3 s pause
+between empty pulls). Results go to deployment.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, add_data_arguments, data_config, flwr_run, load, machine, save
+
+from fedcifar_app import federation
+from fedcifar_app.config import RunConfig
+from fedcifar_app.data import load_node_data
+
+
+def round_times(run_dir: Path) -> dict:
+    results = load(run_dir / "results.json")
+    entries = results["entries"]
+    round_s = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(entries, entries[1:])]
+    return {"round_s": round_s, "steady_round_s": statistics.median(round_s[1:]),
+            "final_accuracy": entries[-1]["test_accuracy"],
+            "client_train_s": statistics.median(e["client_train_seconds"]
+                                                for e in entries[1:]),
+            "server_eval_s": statistics.median(e["test_seconds"] for e in entries[1:]),
+            "status": results["status"], "run_dir": str(run_dir)}
+
+
+def clientapp_start_s(repeats: int = 3) -> float:
+    """Seconds for a fresh Python process to import flwr-clientapp and the app."""
+    command = [sys.executable, "-c",
+               "import flwr.supernode.cli.flwr_clientapp, fedcifar_app.client_app"]
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run(command, check=True, cwd=ROOT)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def run_deployment(args: argparse.Namespace, run_config: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="fedcifar-bench-flwr-") as home:
+        os.environ["FLWR_HOME"] = home  # the launcher and flwr read it
+        started = federation.up(args.nodes, tls=True, auth=True,
+                                data=Path(args.dataset).resolve())
+        try:
+            config = RunConfig.from_mapping({})
+            for folder in started.node_data:  # decode now, not inside a round
+                load_node_data(folder, Path(args.cache_dir).expanduser().resolve(),
+                               config.validation_fraction, config.seed)
+            command = ["flwr", "run", ".", started.name, "--stream", "--run-config",
+                       run_config]
+            wall = time.perf_counter()
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                                  timeout=3600)
+            wall = time.perf_counter() - wall
+        finally:
+            federation.down(started.name)
+            del os.environ["FLWR_HOME"]
+    marker = "outputs of this run: "
+    lines = [line for line in done.stdout.splitlines() if marker in line]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"deployment run failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return {"wall_s": wall, **round_times(Path(lines[-1].split(marker, 1)[1].strip()))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_arguments(parser)
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--run-config", default="",
+                        help="extra run-config overrides for both runs")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    run_config = (f"{data_config(args, out / 'runs')} num-server-rounds={args.rounds} "
+                  f"min-available-nodes={args.nodes} {args.run_config}").strip()
+
+    print("simulation ...", flush=True)
+    wall, run_dir, _ = flwr_run(
+        run_config, f"num-supernodes={args.nodes} client-resources-num-cpus=1")
+    simulation = {"wall_s": wall, **round_times(run_dir)}
+    print("deployment ...", flush=True)
+    deployment = run_deployment(args, run_config)
+    start_s = clientapp_start_s()
+    rest = (deployment["steady_round_s"] - deployment["client_train_s"]
+            - deployment["server_eval_s"] - start_s)
+    report = {"machine": machine(), "command": " ".join(sys.argv), "run_config": run_config,
+              "simulation": simulation, "deployment": deployment,
+              "ratio": deployment["steady_round_s"] / simulation["steady_round_s"],
+              "deployment_breakdown_s": {
+                  "client training": deployment["client_train_s"],
+                  "server test-set evaluation": deployment["server_eval_s"],
+                  "ClientApp process start and imports": start_s,
+                  "messaging and polling (the rest)": rest}}
+    save(out / "deployment.json", report)
+    for name in ("simulation", "deployment"):
+        run = report[name]
+        print(f"{name:>10}: {run['steady_round_s']:.2f} s/round (rounds "
+              f"{', '.join(f'{s:.1f}' for s in run['round_s'])}), "
+              f"accuracy {100 * run['final_accuracy']:.2f} %, wall {run['wall_s']:.1f} s")
+    print(f"ratio deployment / simulation: {report['ratio']:.2f}")
+    for part, seconds in report["deployment_breakdown_s"].items():
+        print(f"  {part}: {seconds:.2f} s")
+    print(f"written to {out / 'deployment.json'}")
+
+
+if __name__ == "__main__":
+    main()
