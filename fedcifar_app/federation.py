@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import ipaddress
 import json
 import os
@@ -27,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import Sequence
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import tomli_w
 
+from fedcifar_app import warm_clientapp
 from fedcifar_app.local_simulation import is_alive, stop_process_tree
 
 DEFAULT_NAME = "local-deployment"
@@ -76,6 +79,15 @@ class Federation:
     node_data: list[str] = field(default_factory=list)
     tls: bool = False
     auth: bool = False
+    # One warm flwr-clientapp server (fedcifar_app.warm_clientapp) for all SuperNodes.
+    warm_clientapps: bool = True
+    warm_server_pid: int = 0
+
+    @property
+    def warm_socket(self) -> Path:
+        # A Unix socket path may be at most ~107 bytes, so not under the state folder.
+        digest = hashlib.sha256(self.directory.encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"fedcifar-warm-{digest}.sock"
 
     @property
     def address(self) -> str:
@@ -165,12 +177,35 @@ def split_node_data(source: Path, directory: Path, nodes: int, seed: int) -> lis
     return folders
 
 
-def _start(command: list[str], log_file: Path) -> int:
+def _start(command: list[str], log_file: Path, env: dict[str, str] | None = None) -> int:
     with open(log_file, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                   env={**os.environ, **SUPEREXEC_POLL_ENV})
+                                   env={**os.environ, **SUPEREXEC_POLL_ENV, **(env or {})})
     return process.pid
+
+
+def _start_warm_server(federation: Federation) -> None:
+    """The warm flwr-clientapp server and the shim that SuperNodes find on their PATH."""
+    warm_clientapp.write_shim(federation.path("shim"))
+    socket_path = federation.warm_socket
+    log_file = federation.path("warm-clientapp.log")
+    federation.warm_server_pid = _start(
+        [sys.executable, "-m", warm_clientapp.MODULE, "serve", "--socket", str(socket_path)],
+        log_file)
+    federation.save()
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while not socket_path.exists():
+        if not is_alive(federation.warm_server_pid) or time.monotonic() > deadline:
+            raise RuntimeError(f"the warm flwr-clientapp server did not start; see {log_file}")
+        time.sleep(0.1)
+
+
+def _supernode_env(federation: Federation) -> dict[str, str]:
+    if not federation.warm_clientapps:
+        return {}
+    return {"PATH": f"{federation.path('shim')}{os.pathsep}{os.environ.get('PATH', '')}",
+            warm_clientapp.SOCKET_ENV: str(federation.warm_socket)}
 
 
 def _wait_for_port(port: int, pid: int, log_file: Path) -> None:
@@ -218,7 +253,7 @@ def remove_connection(name: str) -> None:
 # ---------------------------------------------------------------- up, down
 
 def up(nodes: int, name: str = DEFAULT_NAME, tls: bool = False, auth: bool = False,
-       data: Path | None = None, seed: int = 42) -> Federation:
+       data: Path | None = None, seed: int = 42, warm_clientapps: bool = True) -> Federation:
     """Start a SuperLink and ``nodes`` SuperNodes; return what was started."""
     directory = state_dir(name)
     if (directory / STATE_FILE).exists():
@@ -226,11 +261,13 @@ def up(nodes: int, name: str = DEFAULT_NAME, tls: bool = False, auth: bool = Fal
                            f"stop it with: python -m fedcifar_app.federation down --name {name}")
     directory.mkdir(parents=True, exist_ok=True)
     federation = Federation(name=name, directory=str(directory), superlink_port=free_port(),
-                            nodes=nodes, tls=tls, auth=auth)
+                            nodes=nodes, tls=tls, auth=auth, warm_clientapps=warm_clientapps)
     federation.save()  # from here on, `down` can clean up whatever was started
     try:
         _start_superlink(federation)
         write_connection(federation)
+        if warm_clientapps:
+            _start_warm_server(federation)
         if data is not None:
             federation.node_data = [str(p) for p in split_node_data(
                 data, directory / "data", nodes, seed)]
@@ -292,7 +329,8 @@ def restart_supernode(federation: Federation, node: int, kill: bool = True) -> i
     if _is_ours(federation.supernode_pids[node]):
         stop_process_tree(federation.supernode_pids[node], first_signal=_stop_signal(kill))
     federation.supernode_pids[node] = _start(federation.supernode_commands[node],
-                                             federation.path(f"supernode-{node}.log"))
+                                             federation.path(f"supernode-{node}.log"),
+                                             _supernode_env(federation))
     federation.save()
     return federation.supernode_pids[node]
 
@@ -325,7 +363,7 @@ def add_supernode(federation: Federation, register: bool = True) -> int:
             if registered.returncode != 0:
                 raise RuntimeError(f"`flwr supernode register` failed: "
                                    f"{registered.stdout}{registered.stderr}")
-    pid = _start(command, federation.path(f"supernode-{node}.log"))
+    pid = _start(command, federation.path(f"supernode-{node}.log"), _supernode_env(federation))
     federation.supernode_pids.append(pid)
     federation.supernode_commands.append(command)
     federation.save()
@@ -338,19 +376,22 @@ def down(name: str = DEFAULT_NAME) -> None:
     if not (directory / STATE_FILE).exists():
         raise RuntimeError(f"no federation '{name}' is up (nothing in {directory})")
     federation = Federation.load(name)
-    for pid in [*federation.supernode_pids, federation.superlink_pid]:
+    for pid in [*federation.supernode_pids, federation.superlink_pid,
+                federation.warm_server_pid]:
         if pid and _is_ours(pid):
             stop_process_tree(pid)
+    federation.warm_socket.unlink(missing_ok=True)
     remove_connection(name)
     (directory / STATE_FILE).unlink()
 
 
 def _is_ours(pid: int) -> bool:
-    """Guard against a recycled PID: only stop Flower processes."""
+    """Guard against a recycled PID: only stop Flower processes and the warm server."""
     try:
-        return b"flower-super" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+    return b"flower-super" in command or warm_clientapp.MODULE.encode() in command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -365,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     start.add_argument("--data", type=Path,
                        help="folder with train.parquet to split into per-node folders")
     start.add_argument("--seed", type=int, default=42, help="seed of the data split")
+    start.add_argument("--cold-clientapps", action="store_true",
+                       help="start a fresh flwr-clientapp process per message, as Flower "
+                       "does, instead of forking it from a warm server")
     stop = commands.add_parser("down", help="stop what `up` started")
     for sub in (start, stop):
         sub.add_argument("--name", default=DEFAULT_NAME,
@@ -378,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.nodes < 1:
             parser.error("--nodes must be >= 1")
         federation = up(args.nodes, args.name, args.tls, args.auth,
-                        args.data.resolve() if args.data else None, args.seed)
+                        args.data.resolve() if args.data else None, args.seed,
+                        warm_clientapps=not args.cold_clientapps)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

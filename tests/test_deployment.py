@@ -42,7 +42,8 @@ def deploy(flwr_home: Path) -> Iterator:
 
     yield start
     for federation in started:
-        pids = [federation.superlink_pid, *federation.supernode_pids]
+        pids = [federation.superlink_pid, *federation.supernode_pids,
+                federation.warm_server_pid]
         tree = pids + [p for pid in pids for p in descendants(pid)]
         if (Path(federation.directory) / launcher.STATE_FILE).exists():
             launcher.down(federation.name)

@@ -1,0 +1,210 @@
+"""Warm ClientApp processes: a fork server behind a SuperNode's ``flwr-clientapp``.
+
+flwr 1.42's SuperNode runs every message in a fresh ``flwr-clientapp`` process,
+which spends seconds importing Flower and torch before the ClientApp starts, in
+every round. This module keeps one process per SuperNode that has imported them
+once, and forks a ready child for each message instead:
+
+    python -m fedcifar_app.warm_clientapp serve --socket /run/fedcifar/node-a.sock &
+    python -m fedcifar_app.warm_clientapp shim /opt/fedcifar-shim
+    FEDCIFAR_WARM_CLIENTAPP=/run/fedcifar/node-a.sock PATH=/opt/fedcifar-shim:$PATH \\
+        flower-supernode ...
+
+``shim DIR`` writes ``DIR/flwr-clientapp``, which the SuperNode's SuperExec finds
+first on its PATH. It passes its arguments, environment, working directory and
+standard streams to the server named by $FEDCIFAR_WARM_CLIENTAPP, forwards
+SIGTERM/SIGINT to the forked ClientApp and exits with its exit code; with no
+server listening it runs the real ``flwr-clientapp`` instead. The forked child
+runs Flower's own ``flwr-clientapp`` entry point, so Flower still pulls the
+message, installs the FAB and loads the app from it: the server imports no code
+of the app (this package is dropped from the child's modules before it runs).
+
+Only third-party modules are preloaded, and no thread is started before a fork.
+This module imports nothing heavy at the top: the shim runs it on every message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+SOCKET_ENV = "FEDCIFAR_WARM_CLIENTAPP"
+COMMAND = "flwr-clientapp"
+# What a ClientApp of this project imports that takes long: Flower's flwr-clientapp
+# (with its HTTP and gRPC stacks), torch, numpy, PIL.
+PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "flwr.clientapp", "flwr.app", "torch",
+           "numpy", "PIL.Image")
+# Not __name__: the shim runs this file as __main__.
+MODULE = "fedcifar_app.warm_clientapp"
+APP_PACKAGE = MODULE.split(".")[0]
+
+
+# ---------------------------------------------------------------- server
+
+def serve(socket_path: Path) -> None:
+    """Preload, then fork a request handler per connection, forever."""
+    import importlib
+
+    for module in PRELOAD:
+        importlib.import_module(module)
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    socket_path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(socket_path))
+    listener.listen(64)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # handlers are reaped automatically
+    print(f"[fedcifar] warm flwr-clientapp server ready on {socket_path}", flush=True)
+    while True:
+        connection, _ = listener.accept()
+        if os.fork() == 0:
+            listener.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _handle(connection)
+        connection.close()
+
+
+def _handle(connection: socket.socket) -> None:
+    """In a handler process: fork the ClientApp, report its PID and exit code."""
+    code = 1
+    try:
+        _, fds, _, _ = socket.recv_fds(connection, 1, 3)
+        request = json.loads(connection.makefile("rb").readline())
+        child = os.fork()
+        if child == 0:
+            connection.close()
+            _run_clientapp(request, fds)
+        for fd in fds:
+            os.close(fd)
+        print(f"[fedcifar] forked flwr-clientapp as PID {child}", flush=True)
+        connection.sendall(f"{child}\n".encode())
+        _, status = os.waitpid(child, 0)
+        connection.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _run_clientapp(request: dict, fds: list[int]) -> None:
+    """In the forked child: become the flwr-clientapp the SuperExec asked for."""
+    code = 1
+    try:
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = [COMMAND, *request["argv"]]
+        # Flower must load the app from the FAB, not from what this process imported.
+        for name in [n for n in sys.modules if n.split(".")[0] == APP_PACKAGE]:
+            del sys.modules[name]
+        from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+        flwr_clientapp()
+        code = 0
+    except SystemExit as exit_request:
+        code = exit_request.code if isinstance(exit_request.code, int) else (
+            0 if exit_request.code is None else 1)
+    except BaseException:  # noqa: BLE001 -- reported like Python would, then exit
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+# ---------------------------------------------------------------- shim
+
+def run(argv: Sequence[str]) -> int:
+    """What the shim runs for each message: a forked ClientApp, or the real one."""
+    connection = _connect(os.environ.get(SOCKET_ENV, ""))
+    if connection is None:
+        _exec_real_clientapp(argv)
+    request = {"argv": list(argv), "cwd": os.getcwd(), "env": dict(os.environ)}
+    socket.send_fds(connection, [b"\0"], [0, 1, 2])
+    connection.sendall(json.dumps(request).encode() + b"\n")
+    replies = connection.makefile("r")
+    first = replies.readline()
+    if not first.strip():  # the server failed before forking: run it the usual way
+        _exec_real_clientapp(argv)
+    child = int(first)
+
+    def forward(signal_number: int, _frame: object) -> None:
+        try:
+            os.kill(child, signal_number)
+        except ProcessLookupError:
+            pass
+
+    for forwarded in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(forwarded, forward)
+    line = replies.readline()
+    code = int(line) if line.strip() else 1
+    return 128 - code if code < 0 else code  # killed by a signal: 128 + its number
+
+
+def _connect(socket_path: str) -> socket.socket | None:
+    if not socket_path:
+        return None
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(socket_path)
+    except OSError:
+        connection.close()
+        return None
+    return connection
+
+
+def _exec_real_clientapp(argv: Sequence[str]) -> None:
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(directory or ".", COMMAND)
+        if os.access(candidate, os.X_OK) and not _is_shim(candidate):
+            os.execv(candidate, [str(candidate), *argv])
+    sys.exit(f"{COMMAND}: not found on PATH besides the fedcifar shim")
+
+
+def _is_shim(path: Path) -> bool:
+    try:
+        return f"-m {MODULE} run".encode() in path.read_bytes()[:512]
+    except OSError:
+        return False
+
+
+def write_shim(directory: Path) -> Path:
+    """``directory/flwr-clientapp``: runs ``run`` with this Python."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shim = directory / COMMAND
+    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m {MODULE} run \"$@\"\n")
+    shim.chmod(0o755)
+    return shim
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:  # the shim: everything after 'run' is flwr-clientapp's
+        return run(argv[1:])
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}",
+                                     description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    server = commands.add_parser("serve", help="preload, then fork a ClientApp per message")
+    server.add_argument("--socket", type=Path, required=True, help="Unix socket to listen on")
+    shim = commands.add_parser("shim", help=f"write DIR/{COMMAND} for a SuperNode's PATH")
+    shim.add_argument("directory", type=Path)
+    commands.add_parser("run", help=f"(the shim) run {COMMAND} with the given arguments")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.socket.resolve())
+    else:
+        print(write_shim(args.directory.resolve()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
