@@ -3,17 +3,20 @@
     python benchmarks/deployment.py --dataset /abs/path/to/cifar10 [--nodes 3] [--rounds 5]
         [--run-config "evaluate-in-train=true"]
 
-Runs the default config for --rounds rounds (plus --run-config) twice: as a
-simulation with --nodes virtual SuperNodes (one CPU each) and as a real loopback
+Runs the default config for --rounds rounds (plus --run-config) three times: as a
+simulation with --nodes virtual SuperNodes (one CPU each), and as a real loopback
 deployment (``fedcifar_app.federation up --nodes N --tls --auth --data DATASET``:
 one SuperLink, N SuperNodes, each with its own data folder and one torch thread,
-as in the simulation). Before the deployment, every node's folder is decoded into
-the cache, so no round pays for decoding. Reports the steady seconds per round
-(median of rounds 2 on) of each, their ratio, test accuracy after the last round,
-and where a deployment round's time goes: the clients' training, the server's
-test-set evaluation, a ClientApp process's start (Python, flwr-clientapp and app
-imports, measured here), and the rest (messaging, the SuperNode's 3 s pause
-between empty pulls). Results go to deployment.json under --out.
+as in the simulation), once with a fresh flwr-clientapp process per message, as
+Flower runs it ("cold", ``--cold-clientapps``), and once forked from the warm
+server ("warm", the launcher's default). Before each deployment, every node's
+folder is decoded into the cache, so no round pays for decoding. Reports the
+steady seconds per round (median of rounds 2 on) of each, their ratio to the
+simulation, test accuracy after the last round, and where a cold deployment
+round's time goes: the clients' training, the server's test-set evaluation, the
+start of a ClientApp process per phase (Python, flwr-clientapp and app imports,
+measured here), and the rest (messaging, the SuperNode's 3 s pause after an
+empty pull). Results go to deployment.json under --out.
 """
 
 from __future__ import annotations
@@ -58,11 +61,11 @@ def clientapp_start_s(repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def run_deployment(args: argparse.Namespace, run_config: str) -> dict:
+def run_deployment(args: argparse.Namespace, run_config: str, warm: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="fedcifar-bench-flwr-") as home:
         os.environ["FLWR_HOME"] = home  # the launcher and flwr read it
         started = federation.up(args.nodes, tls=True, auth=True,
-                                data=Path(args.dataset).resolve())
+                                data=Path(args.dataset).resolve(), warm_clientapps=warm)
         try:
             config = RunConfig.from_mapping({})
             for folder in started.node_data:  # decode now, not inside a round
@@ -100,27 +103,33 @@ def main() -> None:
     wall, run_dir, _ = flwr_run(
         run_config, f"num-supernodes={args.nodes} client-resources-num-cpus=1")
     simulation = {"wall_s": wall, **round_times(run_dir)}
-    print("deployment ...", flush=True)
-    deployment = run_deployment(args, run_config)
-    start_s = clientapp_start_s()
-    rest = (deployment["steady_round_s"] - deployment["client_train_s"]
-            - deployment["server_eval_s"] - start_s)
+    runs = {"simulation": simulation}
+    for kind in ("cold", "warm"):
+        print(f"deployment, {kind} ClientApps ...", flush=True)
+        runs[f"deployment ({kind})"] = run_deployment(args, run_config, warm=kind == "warm")
+    cold = runs["deployment (cold)"]
+    config = RunConfig.from_mapping(load(Path(cold["run_dir"]) / "results.json")["run_config"])
+    phases = 1 if config.evaluate_in_train or config.fraction_evaluate == 0 else 2
+    start_s = phases * clientapp_start_s()
     report = {"machine": machine(), "command": " ".join(sys.argv), "run_config": run_config,
-              "simulation": simulation, "deployment": deployment,
-              "ratio": deployment["steady_round_s"] / simulation["steady_round_s"],
-              "deployment_breakdown_s": {
-                  "client training": deployment["client_train_s"],
-                  "server test-set evaluation": deployment["server_eval_s"],
-                  "ClientApp process start and imports": start_s,
-                  "messaging and polling (the rest)": rest}}
+              "runs": runs,
+              "ratio": {name: run["steady_round_s"] / simulation["steady_round_s"]
+                        for name, run in runs.items() if name != "simulation"},
+              "cold_deployment_breakdown_s": {
+                  "client training": cold["client_train_s"],
+                  "server test-set evaluation": cold["server_eval_s"],
+                  f"ClientApp process start and imports ({phases} per round)": start_s,
+                  "messaging and polling (the rest)": cold["steady_round_s"]
+                  - cold["client_train_s"] - cold["server_eval_s"] - start_s}}
     save(out / "deployment.json", report)
-    for name in ("simulation", "deployment"):
-        run = report[name]
-        print(f"{name:>10}: {run['steady_round_s']:.2f} s/round (rounds "
+    for name, run in runs.items():
+        print(f"{name:>18}: {run['steady_round_s']:.2f} s/round (rounds "
               f"{', '.join(f'{s:.1f}' for s in run['round_s'])}), "
               f"accuracy {100 * run['final_accuracy']:.2f} %, wall {run['wall_s']:.1f} s")
-    print(f"ratio deployment / simulation: {report['ratio']:.2f}")
-    for part, seconds in report["deployment_breakdown_s"].items():
+    for name, ratio in report["ratio"].items():
+        print(f"ratio {name} / simulation: {ratio:.2f}")
+    print("a cold deployment round:")
+    for part, seconds in report["cold_deployment_breakdown_s"].items():
         print(f"  {part}: {seconds:.2f} s")
     print(f"written to {out / 'deployment.json'}")
 

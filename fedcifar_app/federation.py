@@ -45,7 +45,7 @@ STATE_FILE = "federation.json"
 STARTUP_TIMEOUT = 30.0
 # The SuperExec that every SuperLink and SuperNode starts looks for new tasks (a
 # ServerApp, a ClientApp message) every second by default: every message waits for it.
-SUPEREXEC_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+SUPEREXEC_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
 
 
 def flwr_home() -> Path:

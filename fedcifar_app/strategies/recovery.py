@@ -32,7 +32,7 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-POLL_INTERVAL = 0.1
+POLL_INTERVAL = 0.25
 # How often pending nodes are checked against the connected ones (one get_node_ids call).
 MEMBERSHIP_INTERVAL = 1.0
 
