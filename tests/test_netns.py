@@ -73,7 +73,7 @@ def test_a_cut_link_and_a_sigkill_mid_round_do_not_stop_the_run(
     run = federation.run(
         f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' output-dir='{out}' "
         "num-server-rounds=3 fraction-train=1.0 fraction-evaluate=0.0 "
-        "min-available-nodes=1 round-timeout=30.0 local-epochs=60")
+        "min-available-nodes=1 round-timeout=60.0 local-epochs=30")
     started = time.monotonic()
     try:
         netns.wait_for(lambda: training_on(network, "node2"), 120, "node 2 to train")
