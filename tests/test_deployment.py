@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fedcifar_app import federation as launcher
+from fedcifar_app import warm_clientapp
 from fedcifar_app.local_simulation import descendants
 from fedcifar_app.results import load_results
 from fedcifar_app.strategies import CHECKPOINT_FILE, load_checkpoint
@@ -134,14 +135,17 @@ def test_tls_with_supernode_auth_completes_and_refuses_unknown_keys(
 
 
 def training_node(federation: launcher.Federation) -> int | None:
-    """The index of the SuperNode that is running a ClientApp now, if any."""
+    """The index of the SuperNode that is running a ClientApp now, if any: a
+    flwr-clientapp process below it, or the warm server's shim standing in for one."""
+    markers = (b"flwr-clientapp", f"{warm_clientapp.MODULE}\0run".encode())
     for index, pid in enumerate(federation.supernode_pids):
         for child in descendants(pid):
             try:
-                if b"flwr-clientapp" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    return index
+                command = Path(f"/proc/{child}/cmdline").read_bytes()
             except OSError:
                 continue
+            if any(marker in command for marker in markers):
+                return index
     return None
 
 
