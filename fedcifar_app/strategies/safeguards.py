@@ -9,7 +9,12 @@ copying the strategy's loop:
   layout (missing or extra keys, other shapes or dtypes, NaN/Inf) or that lack a
   positive ``num-examples`` are dropped and logged, never aggregated;
 * a round with no usable training reply fails the run instead of silently
-  keeping the old model;
+  keeping the old model; evaluation never fails a run (replies Flower could not
+  aggregate are dropped and counted);
+* with ``evaluate-in-train``, the nodes' evaluation of the model they received
+  comes with their training replies and is recorded for the previous round;
+* ``record_phase`` writes what ``RecoveringGrid`` did (replaced, timed-out and
+  failed nodes) into the round's results;
 * every round's global model and round number go to ``checkpoint.pt``, from
   which ``resume-from`` continues;
 * per-round metrics, reply and failure counts go to results.json.
@@ -80,12 +85,9 @@ def update_problem(reply: Message, global_arrays: ArrayRecord,
     unexpected = sorted(set(content.array_records) - set(record_names))
     if unexpected:
         return f"unexpected ArrayRecords {unexpected}"
-    if list(content.metric_records) != ["metrics"]:
-        return (f"MetricRecords {sorted(content.metric_records)}, expected exactly one, "
-                "'metrics'")
-    examples = content.metric_records["metrics"].get("num-examples")
-    if not isinstance(examples, (int, float)) or not examples > 0:
-        return f"'num-examples' must be a positive number, got {examples!r}"
+    problem = metrics_problem(reply)
+    if problem is not None:
+        return problem
     for name in record_names:
         problem = layout_problem(content.array_records[name], global_arrays)
         if problem is not None:
@@ -93,11 +95,13 @@ def update_problem(reply: Message, global_arrays: ArrayRecord,
     return None
 
 
-def evaluation_problem(reply: Message) -> str | None:
-    """Why a (non-error) evaluation reply must not be aggregated, or None if it may."""
-    if list(reply.content.metric_records) != ["metrics"]:
-        return "expected exactly one MetricRecord, 'metrics'"
-    examples = reply.content.metric_records["metrics"].get("num-examples")
+def metrics_problem(reply: Message) -> str | None:
+    """Why a (non-error) reply's metrics cannot be aggregated (training or evaluation),
+    or None if they can."""
+    records = reply.content.metric_records
+    if list(records) != ["metrics"]:
+        return f"MetricRecords {sorted(records)}, expected exactly one, 'metrics'"
+    examples = records["metrics"].get("num-examples")
     if not isinstance(examples, (int, float)) or not examples > 0:
         return f"'num-examples' must be a positive number, got {examples!r}"
     return None
@@ -106,7 +110,8 @@ def evaluation_problem(reply: Message) -> str | None:
 def folded_evaluation(replies: list[Message]) -> dict[str, float]:
     """The evaluation metrics training replies carry (evaluate-in-train), averaged
     weighted by each node's number of validation examples, as Flower's evaluation is."""
-    rows = [r.content["metrics"] for r in replies]
+    rows = [r.content["metrics"] for r in replies
+            if FOLDED_EVALUATION_WEIGHT in r.content["metrics"]]
     total = sum(float(m[FOLDED_EVALUATION_WEIGHT]) for m in rows)
     if total == 0:
         return {}
@@ -267,7 +272,7 @@ class SafeguardsMixin:
         failures = [r for r in replies if r.has_error()]
         # Evaluation never fails a run: replies Flower could not aggregate are dropped.
         candidates = [r for r in replies
-                      if not r.has_error() and evaluation_problem(r) is None]
+                      if not r.has_error() and metrics_problem(r) is None]
         common_names = most_common_metric_names(candidates)
         usable = [r for r in candidates if metric_names(r) == common_names]
         metrics = super().aggregate_evaluate(server_round, usable)  # type: ignore[misc]
