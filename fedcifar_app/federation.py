@@ -13,7 +13,10 @@ them; ``--auth`` makes one key pair per SuperNode, enables SuperNode
 authentication and registers the public keys. With ``--data DIR`` each node gets
 its own data folder (a split of DIR/train.parquet, as real sites hold their own
 data) passed as ``--node-config "data-path='...'"``; without it, nodes get
-``partition-id``/``num-partitions`` of the run's ``dataset``.
+``partition-id``/``num-partitions`` of the run's ``dataset``. Unless
+``--cold-clientapps``, the SuperNodes fork their ClientApps from one warm server
+(``fedcifar_app.warm_clientapp``). ``restart_superlink`` and ``restart_supernode``
+stop a process (as a crash would, or gracefully) and start it with the same command.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ SUPERLINK_ADDRESS = "10.0.0.5"
 SUPERLINK_NAME = "superlink.example.org"
 WORKSTATION_ADDRESS = "10.0.0.2"
 CONNECTION = "remote-federation"
-PORT = 8000
+# flwr run . and flwr supernode register run from the project folder.
+ROOT = Path(__file__).resolve().parents[1]
 
 # README.md's by-hand commands, as this module runs them (tests/test_netns.py checks
 # that README.md holds each line verbatim). {key}, {node} and {data} are filled in.
@@ -291,9 +292,6 @@ class Federation:
             env={**os.environ, **self.flwr_env}, start_new_session=True)
         self.network.processes.append(process.pid)
         return process
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def topology(nodes: int) -> dict[str, str]:
