@@ -45,7 +45,8 @@ def round_times(run_dir: Path) -> dict:
             "final_accuracy": entries[-1]["test_accuracy"],
             "client_train_s": statistics.median(e["client_train_seconds"]
                                                 for e in entries[1:]),
-            "server_eval_s": statistics.median(e["test_seconds"] for e in entries[1:]),
+            "server_eval_s": statistics.median(e["test_seconds"] for e in entries[1:]
+                                               if "test_seconds" in e),
             "status": results["status"], "run_dir": str(run_dir)}
 
 

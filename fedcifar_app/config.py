@@ -82,6 +82,9 @@ class RunConfig:
     resume_from: str = _setting(
         "", "A checkpoint.pt (or the run folder holding it) to continue from; empty: start "
         "afresh.")
+    evaluate_every: int = _setting(
+        1, "Server-side evaluation on the test split every this many rounds, and after "
+        "the last round (1: every round).", _at_least(1))
     evaluate_in_train: bool = _setting(
         False, "Nodes sampled for training first evaluate the model they received on their "
         "validation split and send that with the training reply; no separate evaluation "
@@ -171,6 +174,11 @@ class RunConfig:
             problems.append("'evaluate-in-train' needs validation data: 'validation-fraction' "
                             "must be > 0")
         return problems
+
+    def is_evaluation_round(self, run_round: int) -> bool:
+        """Whether the server tests the global model after ``run_round`` (0: the
+        starting model): every evaluate-every rounds, and the final model."""
+        return run_round % self.evaluate_every == 0 or run_round == self.num_server_rounds
 
     def to_dict(self) -> dict[str, Any]:
         """The config as run-config keys (hyphenated), e.g. for results.json."""

@@ -72,15 +72,20 @@ def main(grid: Grid, context: Context) -> None:
                                           "round": checkpoint.round}
         recorder.restore(_earlier_entries(checkpoint))
 
-    def evaluate_global_model(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_global_model(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        run_round = server_round + strategy.round_offset
+        # A resumed run's starting model was evaluated, and recorded, by the first run.
+        if server_round == 0 and checkpoint is not None:
+            return None
+        if not config.is_evaluation_round(run_round):
+            recorder.record(run_round, evaluated=False)
+            return None
         started = time.perf_counter()
         net.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = task.test(net, test_loader)
-        # A resumed run's starting model was evaluated, and recorded, by the first run.
-        if server_round > 0 or checkpoint is None:
-            recorder.record(server_round + strategy.round_offset, net.state_dict(),
-                            test_loss=loss, test_accuracy=accuracy,
-                            test_seconds=round(time.perf_counter() - started, 3))
+        recorder.record(run_round, net.state_dict(), evaluated=True, test_loss=loss,
+                        test_accuracy=accuracy,
+                        test_seconds=round(time.perf_counter() - started, 3))
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
 
     # Replaces nodes that fail mid-round, and pulls replies without Flower's 3 s pauses.

@@ -71,3 +71,10 @@ def test_all_problems_are_reported_at_once() -> None:
         RunConfig.from_mapping({"batch-size": 0, "seed": "x", "colour": "red"})
     text = str(raised.value)
     assert "'batch-size'" in text and "'seed'" in text and "'colour'" in text
+
+
+def test_the_server_evaluates_every_k_rounds_and_the_final_model() -> None:
+    config = RunConfig.from_mapping({"num-server-rounds": 7, "evaluate-every": 3})
+    assert [r for r in range(8) if config.is_evaluation_round(r)] == [0, 3, 6, 7]
+    every_round = RunConfig.from_mapping({"num-server-rounds": 3})
+    assert all(every_round.is_evaluation_round(r) for r in range(4))

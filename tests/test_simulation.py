@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedcifar_app import task
@@ -54,3 +55,22 @@ def test_flwr_run_with_a_bad_config_fails_and_says_why(local_simulation: dict[st
     assert status["status"] == "finished:failed"
     assert "'num-server-rounds' expects an integer, got 'two' (str)" in done.stdout + done.stderr
     assert not (tmp_path / "out").exists()  # failed before anything was written
+
+
+def test_evaluation_every_k_rounds_and_folded_into_training(
+        local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
+    run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
+                  f"output-dir='{tmp_path / 'out'}' num-server-rounds=3 "
+                  "fraction-train=1.0 min-available-nodes=3 local-epochs=1 "
+                  "evaluate-every=2 evaluate-in-train=true")
+    done, status = flwr_run(local_simulation, run_config)
+    assert status["status"] == "finished:completed", done.stdout + done.stderr
+    entries = load_results(tmp_path / "out" / f"flwr-run-{status['run-id']}")["entries"]
+    # The starting model, every 2nd round and the final model are tested on the server.
+    assert [e["evaluated"] for e in entries] == [True, False, True, True]
+    assert ["test_accuracy" in e for e in entries] == [True, False, True, True]
+    # Each round's training replies carried the nodes' evaluation of the model they
+    # received: rounds 0-2's global models; round 3's was never sent to a node.
+    assert ["evaluate" in e for e in entries] == [True, True, True, False]
+    assert all(e["evaluate_replies"] == 3 for e in entries[:3])
+    assert entries[0]["evaluate"]["eval-accuracy"] == pytest.approx(0.1, abs=0.15)
