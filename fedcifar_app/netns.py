@@ -163,6 +163,10 @@ class Network:
                 stop_process_tree(pid, timeout=5, first_signal=signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
             shutil.rmtree(Path("/etc/netns", namespace), ignore_errors=True)
+        try:  # /etc/netns itself, once empty
+            Path("/etc/netns").rmdir()
+        except OSError:
+            pass
 
     def command(self, host: str, command: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.namespace(host), *command]

@@ -40,6 +40,7 @@ def network() -> netns.Network:
         yield built
     leftover = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert built.tag not in leftover
+    assert not any(Path("/etc/netns", built.namespace(host)).exists() for host in built.hosts)
 
 
 def training_on(network: netns.Network, host: str) -> bool:
