@@ -72,20 +72,11 @@ def run_deployment(args: argparse.Namespace, run_config: str, warm: bool) -> dic
             for folder in started.node_data:  # decode now, not inside a round
                 load_node_data(folder, Path(args.cache_dir).expanduser().resolve(),
                                config.validation_fraction, config.seed)
-            command = ["flwr", "run", ".", started.name, "--stream", "--run-config",
-                       run_config]
-            wall = time.perf_counter()
-            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                                  timeout=3600)
-            wall = time.perf_counter() - wall
+            wall, run_dir, _ = flwr_run(run_config, connection=started.name)
         finally:
             federation.down(started.name)
             del os.environ["FLWR_HOME"]
-    marker = "outputs of this run: "
-    lines = [line for line in done.stdout.splitlines() if marker in line]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"deployment run failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    return {"wall_s": wall, **round_times(Path(lines[-1].split(marker, 1)[1].strip()))}
+    return {"wall_s": wall, **round_times(run_dir)}
 
 
 def main() -> None:
