@@ -172,6 +172,18 @@ def _parameter_record(net: task.Net, tensors: list[torch.Tensor]) -> ArrayRecord
     return ArrayRecord(dict(zip(names, tensors, strict=True)))
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answer the server's one question per node: which partition this node holds
+    (simulation), so that its draws follow the seed; a node with its own
+    ``data-path`` holds none and answers with no partition id."""
+    asked = msg.content["config"].get("query")
+    if asked != "partition-id":
+        raise ValueError(f"unknown query {asked!r}; this ClientApp answers 'partition-id'")
+    partition = context.node_config.get("partition-id")
+    return _reply(msg, {} if partition is None else {"partition-id": int(partition)})
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model on this node's validation data."""

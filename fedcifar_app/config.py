@@ -125,8 +125,8 @@ class RunConfig:
         "uoft-cs/cifar10", "Hugging Face Hub id, or a local directory holding "
         "train.parquet and test.parquet in the same schema (use an absolute path).",
         _not_empty)
-    seed: int = _setting(42, "Seed for model initialisation, partitioning, sampling and "
-                         "shuffling.", _at_least(0))
+    seed: int = _setting(42, "Seed for model initialisation, partitioning, node sampling, "
+                         "aggregation order and shuffling.", _at_least(0))
     output_dir: str = _setting(
         "~/fedcifar-outputs", "Directory under which each run writes its own folder.",
         _not_empty)

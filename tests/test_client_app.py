@@ -155,3 +155,17 @@ def test_evaluate_in_train_reports_the_received_models_evaluation(
     assert metrics["eval-accuracy"] == separate["eval-accuracy"]
     assert metrics["eval-loss"] == pytest.approx(separate["eval-loss"])
     assert metrics["eval-num-examples"] == 10 and metrics["num-examples"] == 90
+
+
+def test_a_node_says_which_partition_it_holds(tiny_dataset: Path, cache_dir: Path) -> None:
+    question = Message(content=RecordDict({"config": ConfigRecord({"query": "partition-id"})}),
+                       dst_node_id=7, message_type="query")
+    simulated = client_app.app(question, make_context(tiny_dataset, cache_dir, SIMULATED))
+    assert simulated.content["metrics"]["partition-id"] == 1
+    own_data = client_app.app(question, make_context(tiny_dataset, cache_dir,
+                                                     {"data-path": "/srv/site-data"}))
+    assert "partition-id" not in own_data.content["metrics"]
+    unknown = Message(content=RecordDict({"config": ConfigRecord({"query": "colour"})}),
+                      dst_node_id=7, message_type="query")
+    with pytest.raises(ValueError, match="unknown query 'colour'"):
+        client_app.app(unknown, make_context(tiny_dataset, cache_dir, SIMULATED))

@@ -74,3 +74,24 @@ def test_evaluation_every_k_rounds_and_folded_into_training(
     assert ["evaluate" in e for e in entries] == [True, True, True, False]
     assert all(e["evaluate_replies"] == 3 for e in entries[:3])
     assert entries[0]["evaluate"]["eval-accuracy"] == pytest.approx(0.1, abs=0.15)
+
+
+def test_the_same_seed_gives_the_same_run(local_simulation: dict[str, str],
+                                          tiny_dataset: Path, tmp_path: Path) -> None:
+    """Two of the three simulated nodes train each round; which two, the order their
+    updates are summed in and every random stream follow the seed, not the node IDs
+    the simulation draws afresh for every run."""
+    def history(seed: int) -> list[tuple]:
+        run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
+                      f"output-dir='{tmp_path / 'out'}' num-server-rounds=3 seed={seed} "
+                      "fraction-train=0.67 fraction-evaluate=0.67 min-available-nodes=3 "
+                      "local-epochs=1 augment=true partitioner='dirichlet'")
+        done, status = flwr_run(local_simulation, run_config)
+        assert status["status"] == "finished:completed", done.stdout + done.stderr
+        entries = load_results(tmp_path / "out" / f"flwr-run-{status['run-id']}")["entries"]
+        assert all(e.get("train_replies", 2) == 2 for e in entries)
+        return [(e["test_loss"], e["test_accuracy"], e.get("evaluate")) for e in entries]
+
+    first = history(seed=3)
+    assert history(seed=3) == first
+    assert history(seed=4) != first

@@ -117,11 +117,65 @@ def test_a_round_without_usable_updates_fails_the_run(tmp_path: Path) -> None:
 
 
 class FakeGrid:
-    def __init__(self, nodes: int) -> None:
-        self.nodes = nodes
+    """``nodes`` connected nodes; node i holds ``partition_of[i]`` (default: none)."""
+
+    def __init__(self, nodes: int | list[int],
+                 partition_of: dict[int, int] | None = None) -> None:
+        self.node_ids = list(range(1, nodes + 1)) if isinstance(nodes, int) else nodes
+        self.partition_of = partition_of or {}
+        self.questions: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
-        return list(range(1, self.nodes + 1))
+        return list(self.node_ids)
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        self.questions += messages
+        answers = []
+        for question in messages:
+            partition = self.partition_of.get(question.metadata.dst_node_id)
+            metrics = {} if partition is None else {"partition-id": partition}
+            answers.append(Message(RecordDict({"metrics": MetricRecord(metrics)}),
+                                   reply_to=question))
+        return answers
+
+
+def sampled_partitions(strategy, grid: FakeGrid, server_round: int) -> list[int]:
+    messages = strategy.configure_train(server_round, GLOBAL, ConfigRecord(), grid)
+    return sorted(grid.partition_of[m.metadata.dst_node_id] for m in messages)
+
+
+def test_the_seed_draws_the_same_partitions_whatever_the_node_ids(tmp_path: Path) -> None:
+    """Simulated node IDs are new in every run; the draw follows the partitions."""
+    config = {"fraction-train": 0.3, "seed": 7}
+    first_ids, second_ids = [11, 52, 23, 94, 35, 76, 17, 88, 9, 60], [3, 1, 4, 15, 9, 26,
+                                                                     5, 35, 8, 97]
+    draws = []
+    for node_ids in (first_ids, second_ids):
+        grid = FakeGrid(node_ids, {node: i for i, node in enumerate(node_ids)})
+        strategy, _ = make_strategy(tmp_path, **config)
+        draws.append([sampled_partitions(strategy, grid, r) for r in (1, 2, 3)])
+        assert len(grid.questions) == 10  # each node was asked once, not every round
+        assert {q.metadata.message_type for q in grid.questions} == {"query"}
+    assert draws[0] == draws[1]
+    assert all(len(draw) == 3 for draw in draws[0]) and len(set(map(tuple, draws[0]))) > 1
+    other_seed, _ = make_strategy(tmp_path, **{**config, "seed": 8})
+    grid = FakeGrid(first_ids, {node: i for i, node in enumerate(first_ids)})
+    assert [sampled_partitions(other_seed, grid, r) for r in (1, 2, 3)] != draws[0]
+
+
+def test_replies_are_aggregated_in_partition_order_not_arrival_order(tmp_path: Path) -> None:
+    strategy, recorder = make_strategy(tmp_path)
+    strategy.configure_train(1, GLOBAL, ConfigRecord(),
+                             FakeGrid([30, 10, 20], {30: 0, 10: 2, 20: 1}))
+    # Values whose float32 sum depends on the order of the terms.
+    updates = {node: {k: torch.full_like(v, value) for k, v in state_dict().items()}
+               for node, value in ((30, 1e8), (10, 1.0), (20, -1e8))}
+    results = []
+    for arrival in ([30, 10, 20], [10, 20, 30], [20, 30, 10]):
+        arrays, _ = strategy.aggregate_train(1, [reply(updates[n], node=n) for n in arrival])
+        results.append(arrays.to_torch_state_dict()["fc3.bias"])
+    assert all(torch.equal(results[0], other) for other in results[1:])
+    assert recorder.entries[0]["train_nodes"] == [10, 20, 30]
 
 
 def test_waiting_for_nodes_is_bounded(tmp_path: Path) -> None:

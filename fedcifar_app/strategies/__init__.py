@@ -3,7 +3,8 @@
 * ``safeguards``: ``SafeguardsMixin`` (bounded waits, update filter, loud failure,
   checkpoints, results) mixed into every strategy;
 * ``scaffold``: SCAFFOLD, which Flower 1.42 does not ship;
-* ``recovery``: ``RecoveringGrid``, which replaces nodes that fail mid-round.
+* ``recovery``: ``RecoveringGrid``, which replaces nodes that fail mid-round;
+* ``sampling``: reproducible node draws and aggregation order.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fedcifar_app.results import RunRecorder
 from fedcifar_app.strategies.safeguards import (CHECKPOINT_FILE, Checkpoint, RunFailedError,
                                                 SafeguardsMixin, load_checkpoint)
 from fedcifar_app.strategies.recovery import RecoveringGrid
+from fedcifar_app.strategies.sampling import PartitionDirectory
 from fedcifar_app.strategies.scaffold import Scaffold
 
 __all__ = ["CHECKPOINT_FILE", "Checkpoint", "RecoveringGrid", "RunFailedError",
@@ -52,4 +54,6 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
     strategy.node_wait_timeout = config.node_wait_timeout
     strategy.checkpoint_path = recorder.run_dir / CHECKPOINT_FILE
     strategy.evaluate_in_train = config.evaluate_in_train
+    strategy.seed = config.seed
+    strategy.partitions = PartitionDirectory(timeout=config.round_timeout)
     return strategy

@@ -13,6 +13,9 @@ copying the strategy's loop:
   aggregate are dropped and counted);
 * with ``evaluate-in-train``, the nodes' evaluation of the model they received
   comes with their training replies and is recorded for the previous round;
+* nodes are drawn reproducibly: in the order of the partitions they hold, with
+  ``random`` seeded per (seed, round, phase), and replies are aggregated in that
+  order, not as they arrive (see ``sampling``);
 * ``record_phase`` writes what ``RecoveringGrid`` did (replaced, timed-out and
   failed nodes) into the round's results;
 * every round's global model and round number go to ``checkpoint.pt``, from
@@ -37,6 +40,7 @@ from flwr.serverapp import Grid
 
 from fedcifar_app.results import RunRecorder, atomic_write
 from fedcifar_app.strategies.recovery import PhaseReport
+from fedcifar_app.strategies.sampling import NodeList, PartitionDirectory, seed_draw
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # With evaluate-in-train, a training reply's metrics that start with this prefix are
@@ -160,6 +164,8 @@ class SafeguardsMixin:
     samples_trained: int = 0
     min_available_nodes: int
     evaluate_in_train: bool = False
+    seed: int = 0
+    partitions: PartitionDirectory
     _global_arrays: ArrayRecord
 
     def resume_from(self, checkpoint: Checkpoint) -> None:
@@ -180,20 +186,32 @@ class SafeguardsMixin:
                 self.min_available_nodes)
             time.sleep(1)
 
+    def seeded_nodes(self, grid: Grid, run_round: int, phase: str) -> NodeList:
+        """The connected nodes in partition order, with Flower's draw seeded for this
+        round and phase: what the strategy's own sampling then picks from."""
+        self.wait_for_nodes(grid)
+        nodes = NodeList(self.partitions.ordered_connected(grid))
+        seed_draw(self.seed, run_round, phase)
+        return nodes
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self.wait_for_nodes(grid)
         self._global_arrays = arrays
+        run_round = server_round + self.round_offset
         return super().configure_train(  # type: ignore[misc]
-            server_round + self.round_offset, arrays, config, grid)
+            run_round, arrays, config, self.seeded_nodes(grid, run_round, "train"))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.evaluate_in_train:  # the training replies carry the evaluation
             return []
-        self.wait_for_nodes(grid)
+        run_round = server_round + self.round_offset
         return super().configure_evaluate(  # type: ignore[misc]
-            server_round + self.round_offset, arrays, config, grid)
+            run_round, arrays, config, self.seeded_nodes(grid, run_round, "evaluate"))
+
+    def in_partition_order(self, replies: Iterable[Message]) -> list[Message]:
+        """Replies in a fixed order: floating-point sums depend on the order of terms."""
+        return sorted(replies, key=lambda r: self.partitions.sort_key(r.metadata.src_node_id))
 
     def record_phase(self, report: PhaseReport) -> None:
         """RecoveringGrid's account of a phase: replacements, timeouts, failed nodes."""
@@ -207,7 +225,7 @@ class SafeguardsMixin:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
         server_round += self.round_offset
-        replies = list(replies)
+        replies = self.in_partition_order(replies)
         errors = [r for r in replies if r.has_error()]
         rejected = []
 
@@ -266,7 +284,7 @@ class SafeguardsMixin:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Any:
         server_round += self.round_offset
-        replies = list(replies)
+        replies = self.in_partition_order(replies)
         if not replies:  # fraction-evaluate 0 or evaluate-in-train: nothing was asked
             return None
         failures = [r for r in replies if r.has_error()]
