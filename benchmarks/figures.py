@@ -4,7 +4,7 @@
 
 Draws whatever results exist: speed.png (samples/s against the compute limit),
 scale.png (seconds per round and peak RSS against clients), niid_bench.png (test
-accuracy per round of each NIID-Bench run) and, given --centralized and --federated
+accuracy per round of each NIID-Bench row, mean and spread over its seeds) and, given --centralized and --federated
 run folders, centralized_vs_federated.png (test accuracy per epoch of data).
 """
 
@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -56,12 +57,21 @@ def scale_figure(report: dict, path: Path) -> None:
 
 
 def niid_figure(report: dict, path: Path) -> None:
+    """Test accuracy by round, the mean over a row's seeds with a ±1 std band."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, run in report["runs"].items():
-        accuracies = run.get("accuracy_by_round") or []
-        points = [(i, 100 * a) for i, a in enumerate(accuracies) if a is not None]
-        if points:
-            ax.plot(*zip(*points), label=name)
+    for name, row in report["runs"].items():
+        curves = [run["accuracy_by_round"] for run in row["seeds"].values()
+                  if run.get("accuracy_by_round")]
+        if not curves:
+            continue
+        rounds = min(len(curve) for curve in curves)
+        by_round = np.array([[100 * (curve[i] if curve[i] is not None else np.nan)
+                              for i in range(rounds)] for curve in curves])
+        mean, std = np.nanmean(by_round, axis=0), np.nanstd(by_round, axis=0, ddof=0)
+        (line,) = ax.plot(range(rounds), mean, label=f"{name} ({len(curves)} seeds)")
+        if len(curves) > 1:
+            ax.fill_between(range(rounds), mean - std, mean + std, alpha=0.2,
+                            color=line.get_color())
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)

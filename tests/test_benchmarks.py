@@ -66,23 +66,37 @@ def test_scale(local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: P
 
 def test_time_to_accuracy(local_simulation: dict[str, str], tiny_dataset: Path,
                           tmp_path: Path) -> None:
-    benchmark("time_to_accuracy", local_simulation, *data_args(tiny_dataset, tmp_path),
-              "--repeats", "1", "--run-config", "num-server-rounds=2 fraction-train=1.0")
-    (run,) = json.loads((tmp_path / "results" / "time_to_accuracy.json").read_text())["runs"]
-    assert set(run["reached"]) == {"50%", "55%", "58%", "60%"}
-    assert run["wall_s"] > 0
+    stdout = benchmark("time_to_accuracy", local_simulation, *data_args(tiny_dataset, tmp_path),
+                       "--seeds", "1", "2", "--run-config",
+                       "num-server-rounds=2 fraction-train=1.0")
+    runs = json.loads((tmp_path / "results" / "time_to_accuracy.json").read_text())["runs"]
+    assert [run["seed"] for run in runs] == [1, 2]
+    assert all(set(run["reached"]) == {"50%", "55%", "58%", "60%"} for run in runs)
+    assert runs[0]["final_accuracy"] != runs[1]["final_accuracy"]
+    assert " ± " in stdout.splitlines()[-1]  # the spread over the two seeds
 
 
 def test_niid_bench_runs_and_skips_finished_runs(local_simulation: dict[str, str],
                                                  tiny_dataset: Path, tmp_path: Path) -> None:
-    args = [*data_args(tiny_dataset, tmp_path), "--rounds", "1", "--only", "fedavg-iid"]
+    args = [*data_args(tiny_dataset, tmp_path), "--rounds", "1", "--only", "fedavg-iid",
+            "--seeds", "1", "2"]
     benchmark("niid_bench", local_simulation, *args)
     report = json.loads((tmp_path / "results" / "niid_bench.json").read_text())
-    run_state = report["runs"]["fedavg-iid"]
-    assert run_state["status"] == "completed" and run_state["best"]["round"] in (0, 1)
-    assert "fedavg-iid" in benchmark("niid_bench", local_simulation, *args)
+    seeds = report["runs"]["fedavg-iid"]["seeds"]
+    assert set(seeds) == {"1", "2"}
+    assert all(s["status"] == "completed" and s["best"]["round"] in (0, 1)
+               for s in seeds.values())
+    assert seeds["1"]["accuracy_by_round"] != seeds["2"]["accuracy_by_round"]
+    # A second call keeps finished runs, and reports mean ± std over the two seeds.
+    summary_line = next(line for line in benchmark("niid_bench", local_simulation, *args)
+                        .splitlines() if line.startswith("fedavg-iid"))
+    assert summary_line.split()[1] == "2" and "±" in summary_line
     again = json.loads((tmp_path / "results" / "niid_bench.json").read_text())
-    assert again["runs"]["fedavg-iid"]["run_dir"] == run_state["run_dir"]
+    assert again["runs"]["fedavg-iid"]["seeds"]["1"]["run_dir"] == seeds["1"]["run_dir"]
+    figures = tmp_path / "figures"
+    benchmark("figures", local_simulation, "--results", str(tmp_path / "results"),
+              "--out", str(figures))
+    assert (figures / "niid_bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_deployment_against_simulation(local_simulation: dict[str, str], tiny_dataset: Path,
