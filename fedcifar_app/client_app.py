@@ -3,6 +3,8 @@
 A node's data comes from its node config: either its own directory
 (``data-path``, how a real site runs) or a slice of the configured data set
 (``partition-id`` and ``num-partitions``, which the simulation engine sets).
+Its node config ``device`` overrides the run config's; the node's data goes to
+that device once per call, and training and evaluation run there.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcifar_app import task
-from fedcifar_app.config import RunConfig
+from fedcifar_app.config import RunConfig, device_problem
 from fedcifar_app.data import PartitionScheme, load_node_data, load_partition
 from fedcifar_app.task import BatchLoader, ImageTensors
 
@@ -74,37 +76,50 @@ def _ray_assigned_cpus() -> int | None:
     return int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0)) or None
 
 
-def _setup(context: Context) -> tuple[RunConfig, ImageTensors, ImageTensors]:
-    """The validated run config and this node's (train, validation) data."""
+def node_device(config: RunConfig, node_config: dict) -> torch.device:
+    """The node config's ``device`` if it sets one, else the run config's."""
+    requested = str(node_config.get("device", config.device))
+    problem = device_problem(requested)
+    if problem is not None:
+        raise NodeConfigError(f"node config 'device' {problem}, got {requested!r}")
+    return task.resolve_device(requested)
+
+
+def _setup(context: Context) -> tuple[RunConfig, torch.device, ImageTensors, ImageTensors]:
+    """The validated run config, this node's device, and its (train, validation) data
+    on that device."""
     config = RunConfig.from_mapping(context.run_config)
     limit_torch_threads(context.node_config)
-    return (config, *node_data(config, context.node_config))
+    device = node_device(config, context.node_config)
+    train_data, validation_data = node_data(config, context.node_config)
+    return config, device, train_data.to(device), validation_data.to(device)
 
 
-def _received_model(msg: Message) -> task.Net:
-    net = task.Net()
+def _received_model(msg: Message, config: RunConfig, device: torch.device) -> torch.nn.Module:
+    net = task.build_model(config.model)
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return net
+    return net.to(device)
 
 
-def _reply(msg: Message, metrics: dict, net: task.Net | None = None) -> Message:
+def _reply(msg: Message, metrics: dict, net: torch.nn.Module | None = None) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if net is not None:
-        content["arrays"] = ArrayRecord(net.state_dict())
+        content["arrays"] = ArrayRecord(task.cpu_state_dict(net))
     return Message(content=content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received model on this node's training data."""
-    config, train_data, validation_data = _setup(context)
-    net = _received_model(msg)
+    config, device, train_data, validation_data = _setup(context)
+    net = _received_model(msg, config, device)
     # evaluate-in-train: the received model's evaluation rides on the training reply.
     evaluation = _evaluation(net, validation_data) if config.evaluate_in_train else {}
     server_round = int(msg.content["config"]["server-round"])
     # A distinct, reproducible shuffle/augmentation stream per (seed, round, node).
     node = context.node_config.get("partition-id", context.node_id)
-    generator = torch.Generator().manual_seed(hash((config.seed, server_round, node)) % 2**63)
+    generator = torch.Generator(device=device).manual_seed(
+        hash((config.seed, server_round, node)) % 2**63)
     loader = BatchLoader(train_data, config.batch_size, shuffle=True,
                          augment=config.augment, generator=generator)
     scaffold = ScaffoldControls.receive(msg, context, net)
@@ -137,7 +152,8 @@ class ScaffoldControls:
         self.server, self.client, self.global_weights = server, client, global_weights
 
     @classmethod
-    def receive(cls, msg: Message, context: Context, net: task.Net) -> ScaffoldControls | None:
+    def receive(cls, msg: Message, context: Context,
+                net: torch.nn.Module) -> ScaffoldControls | None:
         """The controls for this round, or None if the strategy is not SCAFFOLD."""
         if "server-control" not in msg.content.array_records:
             return None
@@ -151,7 +167,7 @@ class ScaffoldControls:
     def drift_correction(self) -> list[torch.Tensor]:
         return [c - c_i for c, c_i in zip(self.server, self.client, strict=True)]
 
-    def update(self, context: Context, net: task.Net, steps: int,
+    def update(self, context: Context, net: torch.nn.Module, steps: int,
                learning_rate: float) -> ArrayRecord:
         """Store the new ``c_i`` in the node state; return its change for the server."""
         new_client = task.scaffold_client_control(
@@ -162,14 +178,15 @@ class ScaffoldControls:
             net, [new - old for new, old in zip(new_client, self.client, strict=True)])
 
 
-def _parameter_tensors(record: ArrayRecord, net: task.Net) -> list[torch.Tensor]:
+def _parameter_tensors(record: ArrayRecord, net: torch.nn.Module) -> list[torch.Tensor]:
+    """A record's tensors in ``net.named_parameters()`` order, on ``net``'s device."""
     tensors = record.to_torch_state_dict()
-    return [tensors[name] for name, _ in net.named_parameters()]
+    return [tensors[name].to(param.device) for name, param in net.named_parameters()]
 
 
-def _parameter_record(net: task.Net, tensors: list[torch.Tensor]) -> ArrayRecord:
+def _parameter_record(net: torch.nn.Module, tensors: list[torch.Tensor]) -> ArrayRecord:
     names = [name for name, _ in net.named_parameters()]
-    return ArrayRecord(dict(zip(names, tensors, strict=True)))
+    return ArrayRecord({name: tensor.cpu() for name, tensor in zip(names, tensors, strict=True)})
 
 
 @app.query()
@@ -187,13 +204,13 @@ def query(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model on this node's validation data."""
-    _, _, validation_data = _setup(context)
-    evaluation = _evaluation(_received_model(msg), validation_data)
+    config, device, _, validation_data = _setup(context)
+    evaluation = _evaluation(_received_model(msg, config, device), validation_data)
     return _reply(msg, {"eval-loss": evaluation["loss"],
                         "eval-accuracy": evaluation["accuracy"],
                         "num-examples": evaluation["num-examples"]})
 
 
-def _evaluation(net: task.Net, data: ImageTensors) -> dict[str, float]:
+def _evaluation(net: torch.nn.Module, data: ImageTensors) -> dict[str, float]:
     loss, accuracy = task.test(net, BatchLoader(data, task.EVAL_BATCH_SIZE))
     return {"loss": loss, "accuracy": accuracy, "num-examples": len(data)}

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedcifar_app.task import MODELS
+
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "scaffold")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 
@@ -58,6 +60,15 @@ def _not_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def device_problem(value: str) -> str | None:
+    """Whether ``value`` names a device kind (not whether this machine has it)."""
+    if value in ("auto", "cpu", "cuda", "mps"):
+        return None
+    if value.startswith("cuda:") and value[5:].isdigit():
+        return None
+    return "must be auto, cpu, cuda, cuda:N or mps"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Every knob of a run. Keys are the field names with '-' for '_'."""
@@ -89,6 +100,13 @@ class RunConfig:
         False, "Nodes sampled for training first evaluate the model they received on their "
         "validation split and send that with the training reply; no separate evaluation "
         "phase (fraction-evaluate is not used). Halves a deployment round's messages.")
+    model: str = _setting(
+        "tutorial-cnn", "Network: " + ", ".join(MODELS) + " (the PyTorch tutorial's CNN; "
+        "ResNet-9 with GroupNorm, 6.6 M parameters, worth a GPU).", _one_of(tuple(MODELS)))
+    device: str = _setting(
+        "auto", "Where models and data live: auto (CUDA if present, else MPS, else CPU), "
+        "cpu, cuda, cuda:N or mps. A SuperNode's node config 'device' overrides it for "
+        "that node.", device_problem)
     local_epochs: int = _setting(2, "Epochs each node trains per round.", _at_least(1))
     batch_size: int = _setting(32, "Training and evaluation batch size.", _at_least(1))
     learning_rate: float = _setting(0.01, "SGD learning rate (client side).", _positive)

@@ -2,7 +2,8 @@
 
 Each run writes into its own folder:
   results.json      run config, one entry per round/epoch, best round, timings
-  model_final.pt    torch.save(state_dict) of the final model (task.Net loads it)
+  model_final.pt    torch.save(state_dict) of the final model (on the CPU; the model
+                    that results.json's run_config names, task.build_model, loads it)
   model_best.pt     the state_dict with the best test accuracy so far
   accuracy.png      test accuracy per round/epoch
 results.json is rewritten after every entry, so an interrupted run keeps its history.

@@ -36,6 +36,10 @@ def _checkpoint_to_resume(config: RunConfig) -> Checkpoint | None:
     if checkpoint.round >= config.num_server_rounds:
         raise ConfigError(f"'resume-from' {checkpoint.path} is at round {checkpoint.round}, "
                           f"num-server-rounds is {config.num_server_rounds}: nothing to do")
+    if checkpoint.model_name != config.model:
+        raise ConfigError(f"'resume-from' {checkpoint.path} holds a {checkpoint.model_name} "
+                          f"model, 'model' is {config.model}: set model='"
+                          f"{checkpoint.model_name}' to resume it")
     return checkpoint
 
 
@@ -56,10 +60,13 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = config.output_root / f"flwr-run-{context.run_id}"
     log(INFO, "[fedcifar] outputs of this run: %s", run_dir)
     seed_everything(config.seed)
-    net = task.Net()
-    # The test split is decoded (or mapped from the cache) once for the whole run.
-    test_loader = BatchLoader(load_split(config.dataset, "test", config.cache_root),
-                              task.EVAL_BATCH_SIZE)
+    device = task.resolve_device(config.device)
+    net = task.build_model(config.model).to(device)
+    log(INFO, "[fedcifar] model %s, server-side evaluation on %s", config.model, device)
+    # The test split is decoded (or mapped from the cache) once for the whole run, and
+    # goes to the device once.
+    test_loader = BatchLoader(
+        load_split(config.dataset, "test", config.cache_root).to(device), task.EVAL_BATCH_SIZE)
     recorder = RunRecorder(run_dir, kind="federated", unit="round",
                            run_config=config.to_dict(), extra={"run_id": context.run_id})
     strategy = build_strategy(config, recorder)
@@ -83,7 +90,7 @@ def main(grid: Grid, context: Context) -> None:
         started = time.perf_counter()
         net.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = task.test(net, test_loader)
-        recorder.record(run_round, net.state_dict(), evaluated=True, test_loss=loss,
+        recorder.record(run_round, task.cpu_state_dict(net), evaluated=True, test_loss=loss,
                         test_accuracy=accuracy,
                         test_seconds=round(time.perf_counter() - started, 3))
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
@@ -95,7 +102,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         result = strategy.start(
             grid=recovering_grid,
-            initial_arrays=ArrayRecord(net.state_dict()),
+            initial_arrays=ArrayRecord(task.cpu_state_dict(net)),
             num_rounds=config.num_server_rounds - strategy.round_offset,
             timeout=config.round_timeout,
             evaluate_fn=evaluate_global_model,
@@ -104,7 +111,7 @@ def main(grid: Grid, context: Context) -> None:
         recorder.finish(None, status="failed")
         raise
     net.load_state_dict(result.arrays.to_torch_state_dict())
-    recorder.finish(net.state_dict())
+    recorder.finish(task.cpu_state_dict(net))
     log(INFO, "[fedcifar] best test accuracy %.4f (round %s)", recorder.best_accuracy,
         recorder.best_index)
     log(INFO, "[fedcifar] results, models and plot written to %s", run_dir)

@@ -3,7 +3,10 @@
 This is the PyTorch "Training a Classifier" tutorial (``Net``, ``train``, ``test``)
 with one change to the data path: images are decoded once into uint8 tensors
 (see ``data.py``) and ``BatchLoader`` normalises and augments whole batches as
-tensor ops, instead of running a PIL transform on every image on every pass.
+tensor ops, instead of running a PIL transform on every image on every pass. The
+tensors can live on an accelerator (``resolve_device``, ``ImageTensors.to``); the
+loader then shuffles, augments and normalises there, so no batch crosses from
+host to device. ``build_model`` picks the tutorial CNN or a GroupNorm ResNet-9.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ NUM_CLASSES = 10
 CROP_PADDING = 4
 # Evaluation needs no gradients, so larger batches only save per-batch overhead.
 EVAL_BATCH_SIZE = 500
+# ResNet-9's GroupNorm: 32 groups (Wu & He 2018's default), whatever the width.
+GROUP_NORM_GROUPS = 32
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device does not exist on this machine."""
 
 
 class Net(nn.Module):
@@ -47,6 +56,85 @@ class Net(nn.Module):
         return self.fc3(x)
 
 
+def _conv_block(channels_in: int, channels_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False),
+                         nn.GroupNorm(GROUP_NORM_GROUPS, channels_out), nn.ReLU(inplace=True))
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_conv_block(channels, channels),
+                                  _conv_block(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResNet9(nn.Module):
+    """ResNet-9 (Page 2018, "How to train your ResNet", the DAWNBench CIFAR-10 net:
+    94 % in 24 epochs with BatchNorm), 6.6 M parameters, with GroupNorm in place of
+    BatchNorm. GroupNorm normalises each image by itself and keeps no running
+    statistics, so the global model is just its weights: FedAvg averages them like
+    any other, nothing is kept local, and a client whose batches hold two labels
+    does not skew statistics that others then use (Hsieh et al. 2020, "The Non-IID
+    Data Quagmire", measured BatchNorm failing under skewed labels and GroupNorm
+    holding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            _conv_block(3, 64),
+            _conv_block(64, 128), nn.MaxPool2d(2), _Residual(128),
+            _conv_block(128, 256), nn.MaxPool2d(2),
+            _conv_block(256, 512), nn.MaxPool2d(2), _Residual(512),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+            nn.Linear(512, NUM_CLASSES, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Page's scaling of the logits: keeps the initial softmax from saturating.
+        return self.layers(x) * 0.125
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"tutorial-cnn": Net, "resnet9-gn": ResNet9}
+
+
+def build_model(name: str) -> nn.Module:
+    """A fresh model of the named architecture (a key of ``MODELS``)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name]()
+
+
+def available_devices() -> list[str]:
+    """What ``resolve_device`` can give on this machine, e.g. ['cpu', 'cuda:0']."""
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` (CUDA if present, else MPS, else CPU, as the seed project does),
+    ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; raise DeviceUnavailableError for one
+    this machine does not have, naming those it has."""
+    available = available_devices()
+    if requested == "auto":
+        return torch.device(available[1] if len(available) > 1 else "cpu")
+    wanted = "cuda:0" if requested == "cuda" else requested
+    if wanted not in available:
+        raise DeviceUnavailableError(
+            f"device '{requested}' is not available on this machine; available: "
+            f"{', '.join(available)} (or 'auto')")
+    return torch.device(wanted)
+
+
+def cpu_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights on the CPU: what is saved and sent over the network."""
+    return {name: tensor.detach().cpu() for name, tensor in net.state_dict().items()}
+
+
 @dataclass(frozen=True)
 class ImageTensors:
     """Decoded images (uint8, N×3×32×32) and their labels (int64, N)."""
@@ -67,12 +155,23 @@ class ImageTensors:
     def subset(self, indices: torch.Tensor) -> ImageTensors:
         return ImageTensors(self.images[indices], self.labels[indices])
 
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device) -> ImageTensors:
+        """The same data on ``device`` (itself if it is there already)."""
+        if self.images.device == device:
+            return self
+        return ImageTensors(self.images.to(device), self.labels.to(device))
+
 
 class BatchLoader:
     """Yields normalised float batches from uint8 tensors; augmentation is per batch.
 
     Like airbench's ``CifarLoader``: no per-image Python work, so the loader costs
-    a few tensor ops per batch. ``augment`` adds a random horizontal flip and a
+    a few tensor ops per batch, run on the device the data is on (``generator``
+    must be on that device too). ``augment`` adds a random horizontal flip and a
     random crop with ``CROP_PADDING`` pixels of zero padding (the NIID-Bench setup).
     """
 
@@ -91,16 +190,17 @@ class BatchLoader:
         self.shuffle = shuffle
         self.augment = augment
         self.generator = generator
-        self._mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1) * 255
-        self._std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1) * 255
+        self.device = data.device
+        self._mean = torch.tensor(CIFAR10_MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(CIFAR10_STD, device=self.device).view(1, 3, 1, 1) * 255
 
     def __len__(self) -> int:
         return math.ceil(len(self.data) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         num_samples = len(self.data)
-        order = (torch.randperm(num_samples, generator=self.generator)
-                 if self.shuffle else torch.arange(num_samples))
+        order = (torch.randperm(num_samples, generator=self.generator, device=self.device)
+                 if self.shuffle else torch.arange(num_samples, device=self.device))
         for start in range(0, num_samples, self.batch_size):
             batch_indices = order[start:start + self.batch_size]
             images = self.data.images[batch_indices]
@@ -110,7 +210,7 @@ class BatchLoader:
             yield images, self.data.labels[batch_indices]
 
     def _random_flip(self, images: torch.Tensor) -> torch.Tensor:
-        flip = torch.rand(len(images), generator=self.generator) < 0.5
+        flip = torch.rand(len(images), generator=self.generator, device=self.device) < 0.5
         return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
     def _random_crop(self, images: torch.Tensor) -> torch.Tensor:
@@ -118,11 +218,13 @@ class BatchLoader:
         pad = CROP_PADDING
         size = images.shape[-1]
         padded = F.pad(images, (pad,) * 4)
-        shifts = torch.randint(0, 2 * pad + 1, (len(images), 2), generator=self.generator)
-        rows = (shifts[:, 0, None] + torch.arange(size)).view(-1, 1, size, 1)
-        cols = (shifts[:, 1, None] + torch.arange(size)).view(-1, 1, 1, size)
-        batch = torch.arange(len(images)).view(-1, 1, 1, 1)
-        channels = torch.arange(images.shape[1]).view(1, -1, 1, 1)
+        shifts = torch.randint(0, 2 * pad + 1, (len(images), 2), generator=self.generator,
+                               device=self.device)
+        steps = torch.arange(size, device=self.device)
+        rows = (shifts[:, 0, None] + steps).view(-1, 1, size, 1)
+        cols = (shifts[:, 1, None] + steps).view(-1, 1, 1, size)
+        batch = torch.arange(len(images), device=self.device).view(-1, 1, 1, 1)
+        channels = torch.arange(images.shape[1], device=self.device).view(1, -1, 1, 1)
         return padded[batch, channels, rows, cols]
 
 
@@ -147,11 +249,12 @@ def train(
     evaluate per epoch.
     """
     criterion = nn.CrossEntropyLoss()
+    device = next(net.parameters()).device
     optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=momentum,
                                 weight_decay=weight_decay)
     global_params = [p.detach().clone() for p in net.parameters()] if proximal_mu > 0 else []
     net.train()
-    total_loss = torch.zeros(())
+    total_loss = torch.zeros((), device=device)
     num_batches = 0
     for epoch in range(1, epochs + 1):
         epoch_loss_before, batches_before = total_loss.clone(), num_batches

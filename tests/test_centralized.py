@@ -59,3 +59,28 @@ def test_centralized_rejects_bad_flags(tmp_path: Path) -> None:
     done = centralized("--dataset", str(tmp_path / "missing"), "--output-dir",
                        str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"))
     assert done.returncode == 2 and "not found" in done.stderr
+
+
+def test_centralized_takes_the_model_and_device(tiny_dataset: Path, tmp_path: Path) -> None:
+    done = centralized("--epochs", "1", "--model", "resnet9-gn", "--device", "cpu",
+                       "--dataset", str(tiny_dataset), "--output-dir", str(tmp_path / "out"),
+                       "--cache-dir", str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    assert "resnet9-gn on cpu" in done.stdout
+    (run_dir,) = (tmp_path / "out").iterdir()
+    results = json.loads((run_dir / RESULTS_FILE).read_text())
+    assert results["run_config"]["model"] == "resnet9-gn"
+    net = task.build_model(results["run_config"]["model"])
+    net.load_state_dict(torch.load(run_dir / FINAL_MODEL_FILE, weights_only=True))
+
+
+def test_centralized_on_a_missing_device_fails_before_writing(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        return  # only meaningful where there is no GPU
+    done = centralized("--device", "cuda", "--output-dir", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "device 'cuda' is not available on this machine; available: cpu" in done.stderr
+    assert not (tmp_path / "out").exists()
+    done = centralized("--device", "gpu")
+    assert done.returncode == 2 and "'device' must be auto, cpu, cuda, cuda:N or mps" \
+        in done.stderr

@@ -169,3 +169,28 @@ def test_a_node_says_which_partition_it_holds(tiny_dataset: Path, cache_dir: Pat
                       dst_node_id=7, message_type="query")
     with pytest.raises(ValueError, match="unknown query 'colour'"):
         client_app.app(unknown, make_context(tiny_dataset, cache_dir, SIMULATED))
+
+
+def test_a_node_config_device_overrides_the_run_config(tiny_dataset: Path,
+                                                        cache_dir: Path) -> None:
+    net = task.Net()
+    context = make_context(tiny_dataset, cache_dir, {**SIMULATED, "device": "cuda:7"},
+                           device="cpu")
+    with pytest.raises(task.DeviceUnavailableError, match="device 'cuda:7' is not available"):
+        client_app.app(make_message("train", net), context)
+    context = make_context(tiny_dataset, cache_dir, {**SIMULATED, "device": "gpu"})
+    with pytest.raises(NodeConfigError, match="node config 'device' must be auto"):
+        client_app.app(make_message("train", net), context)
+    context = make_context(tiny_dataset, cache_dir, {**SIMULATED, "device": "cpu"},
+                           device="cuda:7")
+    assert not client_app.app(make_message("train", net), context).has_error()
+
+
+def test_the_strong_model_trains_on_a_node(tiny_dataset: Path, cache_dir: Path) -> None:
+    net = task.build_model("resnet9-gn")
+    context = make_context(tiny_dataset, cache_dir, SIMULATED, model="resnet9-gn",
+                           **{"local-epochs": 1})
+    reply = client_app.app(make_message("train", net), context)
+    trained = reply.content["arrays"].to_torch_state_dict()
+    assert trained.keys() == net.state_dict().keys()
+    assert any(not torch.equal(trained[k], v) for k, v in net.state_dict().items())

@@ -95,3 +95,18 @@ def test_the_same_seed_gives_the_same_run(local_simulation: dict[str, str],
     first = history(seed=3)
     assert history(seed=3) == first
     assert history(seed=4) != first
+
+
+def test_a_run_with_the_strong_model(local_simulation: dict[str, str], tiny_dataset: Path,
+                                     tmp_path: Path) -> None:
+    run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
+                  f"output-dir='{tmp_path / 'out'}' num-server-rounds=1 model='resnet9-gn' "
+                  "fraction-train=1.0 min-available-nodes=3 local-epochs=1 device='cpu'")
+    done, status = flwr_run(local_simulation, run_config)
+    assert status["status"] == "finished:completed", done.stdout + done.stderr
+    run_dir = tmp_path / "out" / f"flwr-run-{status['run-id']}"
+    results = load_results(run_dir)
+    assert results["run_config"]["model"] == "resnet9-gn"
+    assert results["entries"][1]["train_replies"] == 3
+    net = task.build_model("resnet9-gn")
+    net.load_state_dict(torch.load(run_dir / FINAL_MODEL_FILE, weights_only=True))

@@ -277,3 +277,21 @@ def test_evaluation_replies_flower_cannot_aggregate_are_dropped_not_fatal(
     entry = recorder.entries[0]
     assert (entry["evaluate_replies"], entry["evaluate_rejected"]) == (2, 2)
     assert strategy.aggregate_evaluate(2, replies[3:]) is None
+
+
+def test_a_checkpoint_of_the_strong_model_loads_into_a_fresh_one(tmp_path: Path) -> None:
+    strategy, _ = make_strategy(tmp_path, model="resnet9-gn")
+    torch.manual_seed(1)
+    trained = task.build_model("resnet9-gn").state_dict()
+    strategy.save_checkpoint(3, ArrayRecord(trained))
+    checkpoint = load_checkpoint(str(tmp_path / "run"))
+    assert (checkpoint.round, checkpoint.model_name) == (3, "resnet9-gn")
+    fresh = task.build_model(checkpoint.model_name)
+    fresh.load_state_dict(checkpoint.model)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.items())
+    # Resuming it as another architecture is refused before anything runs.
+    from fedcifar_app.config import ConfigError
+    from fedcifar_app.server_app import _checkpoint_to_resume
+    config = RunConfig.from_mapping({"resume-from": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match="holds a resnet9-gn model, 'model' is tutorial-cnn"):
+        _checkpoint_to_resume(config)

@@ -149,3 +149,51 @@ def test_image_tensors_reject_bad_input() -> None:
         ImageTensors(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(3))
     with pytest.raises(ValueError, match="empty"):
         task.test(task.Net(), BatchLoader(random_tensors(0), 4))
+
+
+def test_the_strong_model_is_a_groupnorm_resnet() -> None:
+    net = task.build_model("resnet9-gn")
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    norms = {type(m) for m in net.modules() if "Norm" in type(m).__name__}
+    assert norms == {nn.GroupNorm}  # no running statistics to average or keep local
+    assert not any(name.endswith("running_mean") for name in net.state_dict())
+    assert 6e6 < sum(p.numel() for p in net.parameters()) < 7e6
+    assert isinstance(task.build_model("tutorial-cnn"), task.Net)
+    with pytest.raises(ValueError, match="unknown model 'vgg'.*tutorial-cnn, resnet9-gn"):
+        task.build_model("vgg")
+
+
+def test_device_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert task.resolve_device("auto") == torch.device("cpu")
+    assert task.resolve_device("cpu") == torch.device("cpu")
+    for missing in ("cuda", "cuda:1", "mps"):
+        with pytest.raises(task.DeviceUnavailableError,
+                           match=f"device '{missing}' is not available .*available: cpu"):
+            task.resolve_device(missing)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert task.resolve_device("auto") == torch.device("cuda:0")  # CUDA first, as the seed
+    assert task.resolve_device("cuda") == torch.device("cuda:0")
+    assert task.resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(task.DeviceUnavailableError, match="available: cpu, cuda:0, cuda:1"):
+        task.resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert task.resolve_device("auto") == torch.device("mps")
+
+
+def test_the_loader_works_where_the_data_is() -> None:
+    """Shuffling, augmentation and normalisation run on the data's device with a
+    generator there: batches never come from elsewhere (on CPU here; the same code
+    runs on CUDA)."""
+    device = torch.device("cpu")
+    data = random_tensors(40).to(device)
+    assert data.to(device) is data  # no copy when it is there already
+    loader = BatchLoader(data, batch_size=16, shuffle=True, augment=True,
+                         generator=torch.Generator(device=device).manual_seed(0))
+    for images, labels in loader:
+        assert images.device == device and labels.device == device
+    net = task.build_model("tutorial-cnn").to(device)
+    task.train(net, loader, 1, 0.01, 0.9)
+    assert all(t.device.type == "cpu" for t in task.cpu_state_dict(net).values())

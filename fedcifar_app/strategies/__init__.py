@@ -55,5 +55,6 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
     strategy.checkpoint_path = recorder.run_dir / CHECKPOINT_FILE
     strategy.evaluate_in_train = config.evaluate_in_train
     strategy.seed = config.seed
+    strategy.model_name = config.model
     strategy.partitions = PartitionDirectory(timeout=config.round_timeout)
     return strategy

@@ -61,6 +61,7 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     samples_trained: int
     path: Path
+    model_name: str  # the architecture (run-config key 'model') the weights belong to
 
 
 def load_checkpoint(location: str) -> Checkpoint:
@@ -72,7 +73,9 @@ def load_checkpoint(location: str) -> Checkpoint:
         raise FileNotFoundError(f"resume-from: no checkpoint at {path} (give a run folder "
                                 f"or its {CHECKPOINT_FILE}, as an absolute path)")
     saved = torch.load(path, weights_only=True)
-    return Checkpoint(saved["round"], saved["model"], saved["samples_trained"], path)
+    # Checkpoints written before the 'model' key existed hold the tutorial CNN.
+    return Checkpoint(saved["round"], saved["model"], saved["samples_trained"], path,
+                      saved.get("model_name", "tutorial-cnn"))
 
 
 def update_problem(reply: Message, global_arrays: ArrayRecord,
@@ -164,6 +167,7 @@ class SafeguardsMixin:
     samples_trained: int = 0
     min_available_nodes: int
     evaluate_in_train: bool = False
+    model_name: str = "tutorial-cnn"
     seed: int = 0
     partitions: PartitionDirectory
     _global_arrays: ArrayRecord
@@ -303,5 +307,5 @@ class SafeguardsMixin:
 
     def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
         checkpoint = {"round": server_round, "model": arrays.to_torch_state_dict(),
-                      "samples_trained": self.samples_trained}
+                      "samples_trained": self.samples_trained, "model_name": self.model_name}
         atomic_write(self.checkpoint_path, lambda tmp: torch.save(checkpoint, tmp))
