@@ -9,10 +9,11 @@ that device once per call, and training and evaluation run there.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcifar_app import task
@@ -67,13 +68,29 @@ def limit_torch_threads(node_config: dict) -> None:
 
 
 def _ray_assigned_cpus() -> int | None:
+    ray = _ray_if_running()
+    if ray is None:
+        return None
+    return int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0)) or None
+
+
+def _ray_if_running():  # noqa: ANN202 - the ray module, or None outside a Ray worker
     try:
         import ray
     except ImportError:
         return None
-    if not ray.is_initialized():
-        return None
-    return int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0)) or None
+    return ray if ray.is_initialized() else None
+
+
+def worker_identity() -> ConfigRecord:
+    """Where this ClientApp ran: the host, and in simulation the Ray node and its IP
+    (on a multi-machine Ray cluster, which machine trained)."""
+    identity = {"host": socket.gethostname()}
+    ray = _ray_if_running()
+    if ray is not None:
+        identity["ray-node"] = ray.get_runtime_context().get_node_id()
+        identity["ray-node-ip"] = ray.util.get_node_ip_address()
+    return ConfigRecord(identity)
 
 
 def node_device(config: RunConfig, node_config: dict) -> torch.device:
@@ -135,6 +152,7 @@ def train(msg: Message, context: Context) -> Message:
                "train-seconds": time.perf_counter() - started,
                **{f"eval-{name}": value for name, value in evaluation.items()}}
     reply = _reply(msg, metrics, net)
+    reply.content["worker"] = worker_identity()
     if scaffold is not None:
         reply.content["control-delta"] = scaffold.update(
             context, net, steps=config.local_epochs * len(loader),

@@ -1,6 +1,7 @@
 """Prepare this machine's managed local SuperLink for fedcifar simulations.
 
     python -m fedcifar_app.local_simulation [--num-supernodes 10] [--cpus-per-client 1]
+                                            [--gpus-per-client 0.25]
 
 ``flwr run .`` submits to a local SuperLink that flwr starts on first use and
 that keeps running. Two of its defaults do not suit this app, and Flower 1.42
@@ -8,7 +9,9 @@ reads neither from pyproject.toml:
 
 * simulation size: 2 SuperNodes with 2 CPUs each. This sets the size once, with
   ``flwr federation simulation-config``; the SuperLink stores it in its state
-  database under $FLWR_HOME, so every later ``flwr run .`` uses it.
+  database under $FLWR_HOME, so every later ``flwr run .`` uses it. The size
+  includes the share of a GPU each ClientApp reserves (Ray's ``num_gpus``):
+  with 0.25, four ClientApps share one GPU.
 * runtime dependency installation: for every run the SuperLink would ``uv sync``
   the app's dependencies into a fresh environment (several GB of torch, and a
   failure offline). The SuperLink reads FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION
@@ -126,26 +129,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpus-per-client", type=int, default=1,
                         help="CPUs per ClientApp; cores / this = clients training at once "
                         "(default 1).")
+    parser.add_argument("--gpus-per-client", type=float, default=0.0,
+                        help="Share of a GPU each ClientApp reserves, e.g. 0.25: four "
+                        "ClientApps per GPU (default 0: CPU only).")
     args = parser.parse_args(argv)
     if args.num_supernodes < 1 or args.cpus_per_client < 1:
         parser.error("--num-supernodes and --cpus-per-client must be >= 1")
+    gpus = _visible_gpus()
+    if args.gpus_per_client < 0:
+        parser.error("--gpus-per-client must be >= 0")
+    if args.gpus_per_client > 0 and gpus == 0:
+        # Ray would never find a GPU to place a ClientApp on: runs would hang pending.
+        parser.error(f"--gpus-per-client {args.gpus_per_client:g}: this machine has no "
+                     "CUDA GPU that torch can see")
 
     stop_installing_superlinks()
     environment = {**os.environ, DISABLE_INSTALL_ENV: "1"}
     # The flwr CLI starts the managed SuperLink if none runs, with this environment.
     command = ["flwr", "federation", "simulation-config",
                "--num-supernodes", str(args.num_supernodes),
-               "--client-resources-num-cpus", str(args.cpus_per_client)]
+               "--client-resources-num-cpus", str(args.cpus_per_client),
+               "--client-resources-num-gpus", str(args.gpus_per_client)]
     completed = subprocess.run(command, env=environment, check=False)
     if completed.returncode != 0:
         print(f"error: `{' '.join(command)}` failed (exit {completed.returncode})",
               file=sys.stderr)
         return completed.returncode
     cores = os.cpu_count() or 1
+    at_once = max(cores // args.cpus_per_client, 1)
+    resources = f"{cores} cores"
+    if args.gpus_per_client > 0:
+        at_once = min(at_once, int(gpus / args.gpus_per_client))
+        resources += f", {gpus} GPU(s) at {args.gpus_per_client:g} per ClientApp"
     print(f"Local simulation: {args.num_supernodes} SuperNodes, {args.cpus_per_client} CPU "
-          f"each ({max(cores // args.cpus_per_client, 1)} training at once on {cores} cores);"
-          " runtime dependency installation off. Now run: flwr run . --stream")
+          f"each ({at_once} training at once on {resources}); runtime dependency "
+          "installation off. Now run: flwr run . --stream")
     return 0
+
+
+def _visible_gpus() -> int:
+    import torch  # deferred: this module is imported by tests and tools without torch use
+
+    return torch.cuda.device_count()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,7 @@ def test_train_returns_updated_arrays_and_metrics(tiny_dataset: Path, cache_dir:
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] == 90  # 400 / 4 partitions, 10 % held out
     assert metrics["train-loss"] > 0
+    assert reply.content["worker"]["host"] == socket.gethostname()  # where it trained
     trained = reply.content["arrays"].to_torch_state_dict()
     assert trained.keys() == net.state_dict().keys()
     assert any(not torch.equal(trained[k], v) for k, v in net.state_dict().items())

@@ -175,7 +175,7 @@ def test_replies_are_aggregated_in_partition_order_not_arrival_order(tmp_path: P
         arrays, _ = strategy.aggregate_train(1, [reply(updates[n], node=n) for n in arrival])
         results.append(arrays.to_torch_state_dict()["fc3.bias"])
     assert all(torch.equal(results[0], other) for other in results[1:])
-    assert recorder.entries[0]["train_nodes"] == [10, 20, 30]
+    assert recorder.entries[0]["train_nodes"] == [30, 20, 10]  # partitions 0, 1, 2
 
 
 def test_waiting_for_nodes_is_bounded(tmp_path: Path) -> None:

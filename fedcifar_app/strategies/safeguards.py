@@ -20,7 +20,8 @@ copying the strategy's loop:
   failed nodes) into the round's results;
 * every round's global model and round number go to ``checkpoint.pt``, from
   which ``resume-from`` continues;
-* per-round metrics, reply and failure counts go to results.json.
+* per-round metrics, reply and failure counts, and where each update was trained
+  (the nodes' 'worker' record: host, Ray node) go to results.json.
 """
 
 from __future__ import annotations
@@ -126,6 +127,12 @@ def folded_evaluation(replies: list[Message]) -> dict[str, float]:
              and k != FOLDED_EVALUATION_WEIGHT]
     return {name: sum(float(m[name]) * float(m[FOLDED_EVALUATION_WEIGHT]) for m in rows)
             / total for name in names}
+
+
+def worker(reply: Message) -> dict[str, str]:
+    """Where the node says it trained (its 'worker' ConfigRecord: host, Ray node)."""
+    record = reply.content.config_records.get("worker")
+    return {} if record is None else {k: str(v) for k, v in record.items()}
 
 
 def metric_names(reply: Message) -> frozenset[str]:
@@ -260,7 +267,8 @@ class SafeguardsMixin:
                               f"other replies' {sorted(common_names)}")
         self.recorder.record(server_round, train_replies=len(usable),
                              train_failures=len(errors), train_rejected=len(rejected),
-                             train_nodes=sorted(r.metadata.src_node_id for r in usable))
+                             train_nodes=[r.metadata.src_node_id for r in usable],
+                             train_workers=[worker(r) for r in usable])
         if not usable:
             raise RunFailedError(
                 f"round {server_round}: none of the {len(replies)} training replies could be "
