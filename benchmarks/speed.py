@@ -1,12 +1,16 @@
 """Speed against the compute limit, all measured in one run.
 
     python benchmarks/speed.py --dataset /abs/path/to/cifar10 [--rounds 4] [--out DIR]
+                               [--model tutorial-cnn] [--device auto] [--gpus-per-client 0]
 
-1. the compute limit: a bare PyTorch loop over pre-decoded uint8 tensors (default
-   model, batch 32), one process using all cores;
+1. the compute limit: a bare PyTorch loop over pre-decoded uint8 tensors (batch
+   32), one process using all cores, the data on the device;
 2. the centralized entry point, ``python -m fedcifar_app.centralized``, end to end;
 3. a federated simulation, ``flwr run .`` with 10 clients that all train one local
-   epoch per round, so that the rounds add up to about as many training samples.
+   epoch per round, so that the rounds add up to about as many training samples;
+   with --gpus-per-client F the clients share the GPUs, F of one each.
+
+All three use --model on --device.
 
 Prints samples/s and the ratio of each to the limit, and splits the federated run
 into fixed start-up cost (flwr, SuperLink, Ray, first ClientApps) and per-round cost.
@@ -27,8 +31,9 @@ from pathlib import Path
 import torch
 
 from common import ROOT, add_data_arguments, data_config, flwr_run, load, machine, save
-from throughput import bare_loop
+from throughput import bare_loop, device_name
 
+from fedcifar_app import task
 from fedcifar_app.config import expand_path
 from fedcifar_app.data import load_split
 from fedcifar_app.task import ImageTensors
@@ -36,19 +41,22 @@ from fedcifar_app.task import ImageTensors
 CLIENTS = 10
 
 
-def measure_limit(dataset: str, cache_dir: Path, epochs: int) -> dict:
+def measure_limit(dataset: str, cache_dir: Path, epochs: int, model: str,
+                  device: torch.device) -> dict:
     split = load_split(dataset, "train", cache_dir)
-    data = ImageTensors(split.images.clone(), split.labels.clone())
-    seconds = bare_loop(data, 32, epochs)
+    data = ImageTensors(split.images.clone(), split.labels.clone()).to(device)
+    seconds = bare_loop(data, 32, epochs, model)
     return {"samples": epochs * len(data), "seconds": seconds,
             "samples_per_s": epochs * len(data) / seconds}
 
 
-def measure_centralized(dataset: str, cache_dir: Path, out: Path, epochs: int) -> dict:
+def measure_centralized(dataset: str, cache_dir: Path, out: Path, epochs: int,
+                        model: str, device: str) -> dict:
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "fedcifar_app.centralized", "--epochs",
                            str(epochs), "--dataset", dataset, "--cache-dir", str(cache_dir),
-                           "--output-dir", str(out / "runs")], cwd=ROOT, capture_output=True,
+                           "--output-dir", str(out / "runs"), "--model", model,
+                           "--device", device], cwd=ROOT, capture_output=True,
                           text=True, check=True)
     wall = time.perf_counter() - start
     run_dir = Path(done.stdout.split("outputs of this run: ", 1)[1].split("\n", 1)[0])
@@ -66,8 +74,9 @@ def measure_centralized(dataset: str, cache_dir: Path, out: Path, epochs: int) -
 def measure_federated(args: argparse.Namespace, out: Path, rounds: int) -> dict:
     wall, run_dir, _ = flwr_run(
         f"{data_config(args, out / 'runs')} num-server-rounds={rounds} fraction-train=1.0 "
-        "local-epochs=1",
-        federation_config=f"num-supernodes={CLIENTS} client-resources-num-cpus=1")
+        f"local-epochs=1 model='{args.model}' device='{args.device}'",
+        federation_config=f"num-supernodes={CLIENTS} client-resources-num-cpus=1 "
+                          f"client-resources-num-gpus={args.gpus_per_client}")
     entries = load(run_dir / "results.json")["entries"]
     round_seconds = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(entries, entries[1:])]
     samples_per_round = entries[1]["samples_trained"]
@@ -83,16 +92,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_arguments(parser)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--model", default="tutorial-cnn", choices=list(task.MODELS))
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--gpus-per-client", type=float, default=0.0,
+                        help="share of a GPU each simulated client reserves (default 0)")
     args = parser.parse_args()
+    device = task.resolve_device(args.device)
     dataset = str(Path(args.dataset).resolve()) if Path(args.dataset).exists() else args.dataset
     cache_dir = expand_path(args.cache_dir)
     out = args.out.resolve()
     epochs = args.rounds  # one CIFAR-10 epoch per federated round (90 % of it trains)
     torch.manual_seed(0)
 
-    report = {"machine": machine(), "command": " ".join(sys.argv),
-              "limit": measure_limit(dataset, cache_dir, epochs),
-              "centralized": measure_centralized(dataset, cache_dir, out, epochs),
+    report = {"machine": {**machine(), "device": str(device),
+                          "device_name": device_name(device)},
+              "command": " ".join(sys.argv), "model": args.model,
+              "limit": measure_limit(dataset, cache_dir, epochs, args.model, device),
+              "centralized": measure_centralized(dataset, cache_dir, out, epochs, args.model,
+                                                 str(device)),
               "federated": measure_federated(args, out, args.rounds)}
     limit = report["limit"]["samples_per_s"]
     rows = [("compute limit (bare loop)", limit, report["limit"]["samples"]),
@@ -108,6 +126,7 @@ def main() -> None:
              report["federated"]["samples"])]
     report["ratios_to_limit"] = {name: rate / limit for name, rate, _ in rows}
     save(out / "speed.json", report)
+    print(f"{args.model} on {device}")
     print(f"{'path':<28} {'samples':>9} {'samples/s':>10} {'of limit':>9}")
     for name, rate, samples in rows:
         print(f"{name:<28} {samples:>9,} {rate:>10,.0f} {rate / limit:>8.1%}")

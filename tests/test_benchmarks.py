@@ -34,17 +34,24 @@ def test_throughput(tiny_dataset: Path, tmp_path: Path) -> None:
     assert report["samples_per_measurement"] == 400
     assert report["ratio_to_limit"]["bare loop (limit)"] == 1.0
     assert report["samples_per_s"]["fedcifar train"] > 0
+    assert (report["model"], report["machine"]["device"]) == ("tutorial-cnn", "cpu")
+    benchmark("throughput", dict(os.environ), "--dataset", str(tiny_dataset), "--cache-dir",
+              str(tmp_path / "cache"), "--repeats", "1", "--limit", "64", "--model",
+              "resnet9-gn", "--device", "cpu", "--output", str(output))
+    strong = json.loads(output.read_text())
+    assert strong["model"] == "resnet9-gn" and strong["samples_per_measurement"] == 64
 
 
 def test_speed(local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
     stdout = benchmark("speed", local_simulation, *data_args(tiny_dataset, tmp_path),
-                       "--rounds", "2")
+                       "--rounds", "2", "--model", "tutorial-cnn", "--device", "cpu")
     report = json.loads((tmp_path / "results" / "speed.json").read_text())
     assert report["federated"]["rounds"] == 2 and len(report["federated"]["round_s"]) == 2
     assert report["centralized"]["samples"] == 2 * 400
     assert set(report["ratios_to_limit"]) >= {"centralized, end to end",
                                               "federated, steady rounds"}
     assert "federated: start-up" in stdout
+    assert report["model"] == "tutorial-cnn" and report["machine"]["device"] == "cpu"
 
 
 def test_scale(local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
