@@ -16,7 +16,10 @@ from typing import Any
 
 from fedcifar_app.task import MODELS
 
-STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "scaffold")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "fedmedian",
+              "fedtrimmedavg", "krum", "multikrum", "bulyan")
+# The Byzantine-robust aggregators, which assume up to num-malicious-nodes attackers.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 
 
@@ -122,6 +125,18 @@ class RunConfig:
     fedadam_eta: float = _setting(0.01, "FedAdam server learning rate (eta).", _positive)
     fedadam_tau: float = _setting(
         0.001, "FedAdam adaptivity (tau): larger is closer to plain FedAvg steps.", _positive)
+    trimmed_beta: float = _setting(
+        0.2, "FedTrimmedAvg: fraction of the updates trimmed at each end, per coordinate.",
+        lambda v: None if 0 <= v < 0.5 else "must be in [0, 0.5)")
+    num_malicious_nodes: int = _setting(
+        0, "Krum, MultiKrum, Bulyan: attackers assumed among the sampled nodes (f).",
+        _at_least(0))
+    multikrum_keep: int = _setting(
+        0, "MultiKrum: updates averaged after selection (0: sampled nodes minus "
+        "num-malicious-nodes).", _at_least(0))
+    update_norm_bound: float = _setting(
+        0.0, "Clip each training update (its difference from the global model) to this L2 "
+        "norm before aggregating, with any strategy; no noise (0: off).", _at_least(0))
     partitioner: str = _setting(
         "iid", "How the training split is divided among simulated nodes: "
         + ", ".join(PARTITIONERS) + ".", _one_of(PARTITIONERS))

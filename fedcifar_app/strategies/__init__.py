@@ -4,14 +4,17 @@
   checkpoints, results) mixed into every strategy;
 * ``scaffold``: SCAFFOLD, which Flower 1.42 does not ship;
 * ``recovery``: ``RecoveringGrid``, which replaces nodes that fail mid-round;
-* ``sampling``: reproducible node draws and aggregation order.
+* ``sampling``: reproducible node draws and aggregation order;
+* ``robust``: checks for Flower's Byzantine-robust aggregators, and update-norm
+  bounding for every strategy.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx,
+                                     FedTrimmedAvg, Krum, MultiKrum)
 
 from fedcifar_app.config import RunConfig
 from fedcifar_app.results import RunRecorder
@@ -25,7 +28,9 @@ __all__ = ["CHECKPOINT_FILE", "Checkpoint", "RecoveringGrid", "RunFailedError",
            "build_strategy", "load_checkpoint"]
 
 STRATEGY_CLASSES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM,
-                    "fedadam": FedAdam, "scaffold": Scaffold}
+                    "fedadam": FedAdam, "scaffold": Scaffold, "fedmedian": FedMedian,
+                    "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum,
+                    "bulyan": Bulyan}
 
 
 def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
@@ -38,6 +43,13 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
                     "server_momentum": config.fedavgm_momentum},
         "fedadam": {"eta": config.fedadam_eta, "tau": config.fedadam_tau},
         "scaffold": {},
+        "fedmedian": {},
+        "fedtrimmedavg": {"beta": config.trimmed_beta},
+        "krum": {"num_malicious_nodes": config.num_malicious_nodes},
+        # multikrum-keep 0 (sampled minus f) is set per round, from the replies.
+        "multikrum": {"num_malicious_nodes": config.num_malicious_nodes,
+                      "num_nodes_to_select": max(config.multikrum_keep, 1)},
+        "bulyan": {"num_malicious_nodes": config.num_malicious_nodes},
     }[config.strategy]
     strategy_class = type(f"Safe{base.__name__}", (SafeguardsMixin, base), {})
     strategy = strategy_class(
@@ -56,5 +68,9 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
     strategy.evaluate_in_train = config.evaluate_in_train
     strategy.seed = config.seed
     strategy.model_name = config.model
+    strategy.strategy_name = config.strategy
+    strategy.assumed_malicious = config.num_malicious_nodes
+    strategy.multikrum_keep = config.multikrum_keep
+    strategy.update_norm_bound = config.update_norm_bound
     strategy.partitions = PartitionDirectory(timeout=config.round_timeout)
     return strategy

@@ -18,6 +18,9 @@ copying the strategy's loop:
   order, not as they arrive (see ``sampling``);
 * ``record_phase`` writes what ``RecoveringGrid`` did (replaced, timed-out and
   failed nodes) into the round's results;
+* with ``update-norm-bound``, each usable update is clipped to that norm before the
+  strategy aggregates it; a robust aggregator's minimum sample (see ``robust``) is
+  checked before each round's training;
 * every round's global model and round number go to ``checkpoint.pt``, from
   which ``resume-from`` continues;
 * per-round metrics, reply and failure counts, and where each update was trained
@@ -41,6 +44,7 @@ from flwr.serverapp import Grid
 
 from fedcifar_app.results import RunRecorder, atomic_write
 from fedcifar_app.strategies.recovery import PhaseReport
+from fedcifar_app.strategies.robust import bound_update_norms, sample_size_problem
 from fedcifar_app.strategies.sampling import NodeList, PartitionDirectory, seed_draw
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -175,6 +179,10 @@ class SafeguardsMixin:
     min_available_nodes: int
     evaluate_in_train: bool = False
     model_name: str = "tutorial-cnn"
+    strategy_name: str = "fedavg"
+    assumed_malicious: int = 0
+    multikrum_keep: int = 0
+    update_norm_bound: float = 0.0
     seed: int = 0
     partitions: PartitionDirectory
     _global_arrays: ArrayRecord
@@ -202,6 +210,12 @@ class SafeguardsMixin:
         round and phase: what the strategy's own sampling then picks from."""
         self.wait_for_nodes(grid)
         nodes = NodeList(self.partitions.ordered_connected(grid))
+        if phase == "train":  # as many as Flower's FedAvg.configure_train will sample
+            sampled = max(int(len(nodes.node_ids) * self.fraction_train),  # type: ignore
+                          self.min_train_nodes)  # type: ignore[attr-defined]
+            problem = sample_size_problem(self.strategy_name, self.assumed_malicious, sampled)
+            if problem is not None:
+                raise RunFailedError(f"round {run_round}: {problem}")
         seed_draw(self.seed, run_round, phase)
         return nodes
 
@@ -274,8 +288,18 @@ class SafeguardsMixin:
                 f"round {server_round}: none of the {len(replies)} training replies could be "
                 f"aggregated ({len(errors)} failed, {len(rejected)} rejected); stopping "
                 "instead of carrying the old model forward")
+        if self.update_norm_bound > 0:
+            self.recorder.record(server_round, train_clipped=bound_update_norms(
+                usable, self._global_arrays, self.update_norm_bound))
+        if self.strategy_name == "multikrum" and self.multikrum_keep == 0:
+            self.num_nodes_to_select = max(len(usable) - self.assumed_malicious, 1)
         arrays, metrics = super().aggregate_train(  # type: ignore[misc]
             server_round, [*usable, *errors])
+        if arrays is None:  # e.g. Bulyan, left with fewer than 4f + 3 updates
+            raise RunFailedError(
+                f"round {server_round}: strategy '{self.strategy_name}' could not aggregate "
+                f"the {len(usable)} usable updates (see the warning above); stopping instead "
+                "of carrying the old model forward")
         self.samples_trained += self.local_epochs * sum(
             int(r.content["metrics"]["num-examples"]) for r in usable)
         # Summed, unlike the weighted mean in `train`: the round's compute in CPU-seconds.

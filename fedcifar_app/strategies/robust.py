@@ -1,0 +1,61 @@
+"""Defences against harmful, well-formed updates: Flower's robust aggregators and
+update-norm bounding.
+
+The aggregators are Flower's own (``FedMedian``, ``FedTrimmedAvg``, ``Krum``,
+``MultiKrum``, ``Bulyan``); ``build_strategy`` mixes the safeguards into them like
+into any other strategy. What this module adds:
+
+* ``sample_size_problem``: Krum-style rules need enough updates for the attackers
+  they assume (Krum and MultiKrum n > 2f + 2, Bulyan n >= 4f + 3); a run whose
+  round would sample fewer fails before training, naming the keys;
+* ``bound_update_norms``: each update (its difference from the global model) is
+  clipped to an L2 norm before aggregation, with Flower's DP clipping function
+  and no noise; it works with every strategy.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Array, ArrayRecord, Message
+from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
+
+
+def minimum_updates(strategy: str, num_malicious: int) -> int:
+    """The fewest updates a round of ``strategy`` needs against ``num_malicious``."""
+    if strategy == "bulyan":
+        return 4 * num_malicious + 3  # El Mhamdi et al. 2018
+    if strategy in ("krum", "multikrum"):
+        return 2 * num_malicious + 3  # Blanchard et al. 2017: n > 2f + 2
+    return 1
+
+
+def sample_size_problem(strategy: str, num_malicious: int, sampled: int) -> str | None:
+    """Why a round that samples ``sampled`` nodes cannot run ``strategy``, or None."""
+    needed = minimum_updates(strategy, num_malicious)
+    if sampled >= needed:
+        return None
+    rule = "4f + 3" if strategy == "bulyan" else "2f + 3"
+    return (f"strategy '{strategy}' with num-malicious-nodes={num_malicious} needs at least "
+            f"{needed} updates per round ({rule}), but a round samples {sampled} "
+            "(fraction-train times the connected nodes): raise fraction-train, connect more "
+            "nodes or lower num-malicious-nodes")
+
+
+def bound_update_norms(replies: list[Message], global_arrays: ArrayRecord,
+                       bound: float) -> int:
+    """Clip each reply's update to L2 norm ``bound`` in place; return how many were
+    longer than the bound (and so were shortened)."""
+    keys = list(global_arrays)
+    reference = global_arrays.to_numpy_ndarrays()
+    clipped = 0
+    for reply in replies:
+        record = reply.content["arrays"]
+        weights = [record[key].numpy() for key in keys]
+        delta_norm = get_norm([w - g for w, g in zip(weights, reference, strict=True)])
+        if delta_norm <= bound:
+            continue
+        compute_clip_model_update(weights, reference, bound)
+        reply.content["arrays"] = ArrayRecord(
+            {key: Array(weight.astype(reference[i].dtype, copy=False))
+             for i, (key, weight) in enumerate(zip(keys, weights, strict=True))})
+        clipped += 1
+    return clipped
