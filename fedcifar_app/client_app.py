@@ -132,32 +132,97 @@ def train(msg: Message, context: Context) -> Message:
     net = _received_model(msg, config, device)
     # evaluate-in-train: the received model's evaluation rides on the training reply.
     evaluation = _evaluation(net, validation_data) if config.evaluate_in_train else {}
-    server_round = int(msg.content["config"]["server-round"])
-    # A distinct, reproducible shuffle/augmentation stream per (seed, round, node).
+    attack = _node_attack(config, context.node_config)  # None: an honest node
+    received = task.cpu_state_dict(net) if attack is not None else {}
+    if attack is not None and attack.poisons_data:
+        from fedcifar_app.attacks import flip_labels
+        train_data = flip_labels(train_data)
     node = context.node_config.get("partition-id", context.node_id)
-    generator = torch.Generator(device=device).manual_seed(
-        hash((config.seed, server_round, node)) % 2**63)
-    loader = BatchLoader(train_data, config.batch_size, shuffle=True,
-                         augment=config.augment, generator=generator)
     scaffold = ScaffoldControls.receive(msg, context, net)
     started = time.perf_counter()
-    train_loss = task.train(
+    train_loss, steps = _local_training(net, train_data, config, msg, node, scaffold)
+    metrics = {"train-loss": train_loss, "num-examples": len(train_data),
+               "train-seconds": time.perf_counter() - started,
+               **{f"eval-{name}": value for name, value in evaluation.items()}}
+    if attack is not None and not attack.poisons_data:
+        _poison(net, attack, received, config, msg, context)
+    reply = _reply(msg, metrics, net)
+    reply.content["worker"] = worker_identity()
+    if scaffold is not None:
+        reply.content["control-delta"] = scaffold.update(
+            context, net, steps=steps, learning_rate=config.learning_rate)
+    return reply
+
+
+def _local_training(net: torch.nn.Module, data: ImageTensors, config: RunConfig,
+                    msg: Message, node: int, scaffold: ScaffoldControls | None = None
+                    ) -> tuple[float, int]:
+    """Train ``net`` in place; return (mean loss, SGD steps)."""
+    server_round = int(msg.content["config"]["server-round"])
+    device = next(net.parameters()).device
+    # A distinct, reproducible shuffle/augmentation stream per (seed, round, node).
+    generator = torch.Generator(device=device).manual_seed(
+        hash((config.seed, server_round, node)) % 2**63)
+    loader = BatchLoader(data, config.batch_size, shuffle=True, augment=config.augment,
+                         generator=generator)
+    loss = task.train(
         net, loader, config.local_epochs, config.learning_rate, config.momentum,
         config.weight_decay,
         # FedProx puts its mu into the round's config; other strategies don't.
         proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
         drift_correction=None if scaffold is None else scaffold.drift_correction(),
     )
-    metrics = {"train-loss": train_loss, "num-examples": len(train_data),
-               "train-seconds": time.perf_counter() - started,
-               **{f"eval-{name}": value for name, value in evaluation.items()}}
-    reply = _reply(msg, metrics, net)
-    reply.content["worker"] = worker_identity()
-    if scaffold is not None:
-        reply.content["control-delta"] = scaffold.update(
-            context, net, steps=config.local_epochs * len(loader),
-            learning_rate=config.learning_rate)
-    return reply
+    return loss, config.local_epochs * len(loader)
+
+
+def _node_attack(config: RunConfig, node_config: dict):  # noqa: ANN202 - NodeAttack | None
+    """This node's simulated attack, or None. The attack code is imported only when an
+    attack is configured: honest runs never load it."""
+    if config.attack == "none" and "attack" not in node_config:
+        return None
+    from fedcifar_app.attacks import node_attack
+    return node_attack(config, node_config)
+
+
+def _poison(net: torch.nn.Module, attack, received: dict[str, torch.Tensor],  # noqa: ANN001
+            config: RunConfig, msg: Message, context: Context) -> None:
+    """Replace the trained weights in ``net`` with what the attacker sends."""
+    from fedcifar_app import attacks
+
+    trained = task.cpu_state_dict(net)
+    if attack.kind == "little-is-enough":
+        honest = []
+        for node, data in _colluder_data(attack, config, context):
+            colluder = task.build_model(config.model).to(next(net.parameters()).device)
+            colluder.load_state_dict(received)
+            _local_training(colluder, data, config, msg, node)
+            honest.append(task.cpu_state_dict(colluder))
+        sent = attacks.little_is_enough(received, honest, attack.z)
+    else:
+        round_seed = hash((config.seed, int(msg.content["config"]["server-round"]),
+                           context.node_config.get("partition-id", context.node_id)))
+        sent = attacks.poisoned(attack, received, trained,
+                                torch.Generator().manual_seed(round_seed % 2**63))
+    net.load_state_dict(sent)
+
+
+def _colluder_data(attack, config: RunConfig,  # noqa: ANN001
+                   context: Context) -> list[tuple[int, ImageTensors]]:
+    """Training data the colluding attackers pool: each attacking partition's in
+    simulation, shards of this node's own data on a deployed node."""
+    device = node_device(config, context.node_config)
+    if attack.colluders:
+        node_config = dict(context.node_config)
+        pooled = []
+        for partition in attack.colluders:
+            node_config["partition-id"] = partition
+            pooled.append((partition, node_data(config, node_config)[0].to(device)))
+        return pooled
+    from fedcifar_app.attacks import LIE_SHARDS
+
+    own = node_data(config, context.node_config)[0].to(device)
+    shards = torch.arange(len(own), device=device).chunk(LIE_SHARDS)
+    return [(index, own.subset(shard)) for index, shard in enumerate(shards)]
 
 
 class ScaffoldControls:

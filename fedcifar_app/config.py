@@ -18,6 +18,7 @@ from fedcifar_app.task import MODELS
 
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "fedmedian",
               "fedtrimmedavg", "krum", "multikrum", "bulyan")
+ATTACKS = ("none", "label-flip", "sign-flip", "scale", "gaussian", "little-is-enough")
 # The Byzantine-robust aggregators, which assume up to num-malicious-nodes attackers.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
@@ -137,6 +138,20 @@ class RunConfig:
     update_norm_bound: float = _setting(
         0.0, "Clip each training update (its difference from the global model) to this L2 "
         "norm before aggregating, with any strategy; no noise (0: off).", _at_least(0))
+    attack: str = _setting(
+        "none", "Simulated attack of the malicious nodes: " + ", ".join(ATTACKS) + " (see "
+        "fedcifar_app/attacks.py).", _one_of(ATTACKS))
+    malicious_fraction: float = _setting(
+        0.0, "Simulation: fraction of the partitions whose nodes attack, drawn from the seed.",
+        _unit_right_open)
+    attack_scale: float = _setting(
+        10.0, "sign-flip sends minus this times the update, scale plus this times it.",
+        _positive)
+    attack_noise_std: float = _setting(
+        1.0, "gaussian: standard deviation of the noise sent instead of an update.", _positive)
+    attack_z: float = _setting(
+        0.0, "little-is-enough: standard deviations to shift by (0: Baruch et al.'s z_max "
+        "for the simulated nodes and attackers).", _at_least(0))
     partitioner: str = _setting(
         "iid", "How the training split is divided among simulated nodes: "
         + ", ".join(PARTITIONERS) + ".", _one_of(PARTITIONERS))
@@ -203,6 +218,9 @@ class RunConfig:
                 and not self.evaluate_in_train:
             problems.append("'validation-fraction' is 0, so nodes hold no validation data: "
                             "set 'fraction-evaluate' to 0 as well")
+        if (self.attack == "none") != (self.malicious_fraction == 0):
+            problems.append("'attack' and 'malicious-fraction' go together: set both (an "
+                            "attack and a fraction > 0) or neither")
         if self.validation_fraction == 0 and self.evaluate_in_train:
             problems.append("'evaluate-in-train' needs validation data: 'validation-fraction' "
                             "must be > 0")

@@ -131,8 +131,10 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def cpu_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights on the CPU: what is saved and sent over the network."""
-    return {name: tensor.detach().cpu() for name, tensor in net.state_dict().items()}
+    """A copy of the model's weights on the CPU: what is saved and sent over the network
+    (a copy, so that training on does not change it)."""
+    return {name: tensor.detach().to("cpu", copy=True)
+            for name, tensor in net.state_dict().items()}
 
 
 @dataclass(frozen=True)

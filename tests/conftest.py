@@ -108,9 +108,11 @@ def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
                           timeout=RUN_TIMEOUT)
 
 
-def flwr_run(env: dict[str, str], run_config: str) -> tuple[subprocess.CompletedProcess, dict]:
+def flwr_run(env: dict[str, str], run_config: str,
+             federation_config: str | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+    extra = ["--federation-config", federation_config] if federation_config else []
     done = run(["flwr", "run", ".", "--run-config", run_config, "--stream",
-                "--format", "default"], env)
+                "--format", "default", *extra], env)
     runs = json.loads(run(["flwr", "ls", "--format", "json"], env).stdout)["runs"]
     return done, runs[0] if len(runs) == 1 else max(runs, key=lambda r: r["pending-at"])
 

@@ -110,3 +110,25 @@ def test_a_run_with_the_strong_model(local_simulation: dict[str, str], tiny_data
     assert results["entries"][1]["train_replies"] == 3
     net = task.build_model("resnet9-gn")
     net.load_state_dict(torch.load(run_dir / FINAL_MODEL_FILE, weights_only=True))
+
+
+def test_sign_flipping_attackers_wreck_fedavg_and_robust_aggregators_hold(
+        local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
+    """One node of five flips and boosts its update; the same run, seed and attacker
+    under FedAvg, FedMedian and Krum."""
+    def final_accuracy(strategy: str) -> float:
+        run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
+                      f"output-dir='{tmp_path / strategy}' num-server-rounds=5 "
+                      "local-epochs=3 batch-size=16 fraction-train=1.0 fraction-evaluate=0.0 "
+                      "min-available-nodes=5 attack='sign-flip' malicious-fraction=0.2 "
+                      f"strategy='{strategy}' num-malicious-nodes=1")
+        done, status = flwr_run(local_simulation, run_config, "num-supernodes=5")
+        assert status["status"] == "finished:completed", done.stdout + done.stderr
+        (run_dir,) = (tmp_path / strategy).glob("flwr-run-*")
+        return load_results(run_dir)["entries"][-1]["test_accuracy"]
+
+    fedavg, median, krum = map(final_accuracy, ("fedavg", "fedmedian", "krum"))
+    # Measured: 0.1 (one class everywhere), 0.8 and 0.8 after 5 rounds.
+    finals = f"fedavg {fedavg}, fedmedian {median}, krum {krum}"
+    assert fedavg <= 0.3, finals  # chance is 0.1
+    assert median >= fedavg + 0.4 and krum >= fedavg + 0.4, finals
