@@ -87,6 +87,27 @@ def flwr_run(run_config: str, federation_config: str | None = None,
     return wall, Path(lines[-1].split(marker, 1)[1].strip()), done.stdout
 
 
+def run_resumable(run_config: str, run_root: Path, label: str,
+                  federation_config: str | None = None,
+                  timeout: float = 6 * 3600) -> tuple[Path, float]:
+    """One benchmark run whose output folder is ``run_root``; return (run folder, wall
+    seconds spent now). A run that completed before is returned as it is (0 s); one
+    that was cut off (a checkpoint, no "completed" status) resumes from its last round
+    with ``resume-from``, so a benchmark can be restarted across work periods."""
+    checkpoints = sorted(run_root.glob("flwr-run-*/checkpoint.pt"),
+                         key=lambda p: p.stat().st_mtime)
+    if checkpoints:
+        last = checkpoints[-1].parent
+        if load(last / "results.json").get("status") == "completed":
+            return last, 0.0
+        run_config += f" resume-from='{last}'"
+        print(f"{label}: resuming from {last}", flush=True)
+    else:
+        print(f"{label}: starting", flush=True)
+    wall, run_dir, _ = flwr_run(run_config, federation_config, timeout=timeout)
+    return run_dir, wall
+
+
 def add_data_arguments(parser) -> None:
     """--dataset, --cache-dir and --out, which every benchmark takes."""
     parser.add_argument("--dataset", required=True,

@@ -4,8 +4,10 @@
 
 Draws whatever results exist: speed.png (samples/s against the compute limit),
 scale.png (seconds per round and peak RSS against clients), niid_bench.png (test
-accuracy per round of each NIID-Bench row, mean and spread over its seeds) and, given --centralized and --federated
-run folders, centralized_vs_federated.png (test accuracy per epoch of data).
+accuracy per round of each NIID-Bench row, mean and spread over its seeds),
+robustness.png (final accuracy of each attack against each defence) and, given
+--centralized and --federated run folders, centralized_vs_federated.png (test
+accuracy per epoch of data).
 """
 
 from __future__ import annotations
@@ -81,6 +83,29 @@ def niid_figure(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def robustness_figure(report: dict, path: Path) -> None:
+    """Heat maps of final test accuracy: attacks (rows) against defences (columns)."""
+    splits = list(report["cells"])
+    fig, axes = plt.subplots(1, len(splits), figsize=(6.5 * len(splits), 4.5), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        rows = report["cells"][split]
+        attacks = list(rows)
+        defences = list(dict.fromkeys(d for row in rows.values() for d in row))
+        grid = np.array([[100 * (rows[a].get(d, {}).get("final_accuracy") or np.nan)
+                          for d in defences] for a in attacks])
+        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100)
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center",
+                        color="white" if value < 50 else "black")
+        ax.set_xticks(range(len(defences)), defences, rotation=30, ha="right")
+        ax.set_yticks(range(len(attacks)), attacks)
+        ax.set_title(f"{split}: final test accuracy (%)")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -93,7 +118,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     drawn = []
     for name, draw in (("speed", speed_figure), ("scale", scale_figure),
-                       ("niid_bench", niid_figure)):
+                       ("niid_bench", niid_figure), ("robustness", robustness_figure)):
         report = load(args.results / f"{name}.json")
         if report:
             draw(report, args.out / f"{name}.png")

@@ -34,7 +34,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from common import add_data_arguments, data_config, flwr_run, load, machine, save
+from common import add_data_arguments, data_config, load, machine, run_resumable, save
 
 COMMON = ("local-epochs=10 batch-size=64 learning-rate=0.01 "
           "momentum=0.9 augment=true fraction-train=1.0 fraction-evaluate=0.0 "
@@ -92,18 +92,7 @@ def run_one(args, name: str, seed: int, state: dict, out: Path) -> None:
     run_root = out / "runs" / "niid-bench" / name / f"seed{seed}"
     config = (f"{data_config(args, run_root)} {COMMON} {RUNS[name]} seed={seed} "
               f"num-server-rounds={args.rounds}")
-    checkpoints = sorted(run_root.glob("flwr-run-*/checkpoint.pt"),
-                         key=lambda p: p.stat().st_mtime)
-    if checkpoints and load(checkpoints[-1].parent / "results.json").get(
-            "status") == "completed":
-        record(state, checkpoints[-1].parent, wall=0.0)
-        return
-    if checkpoints:
-        config += f" resume-from='{checkpoints[-1].parent}'"
-        print(f"{name} seed {seed}: resuming from {checkpoints[-1].parent}", flush=True)
-    else:
-        print(f"{name} seed {seed}: starting", flush=True)
-    wall, run_dir, _ = flwr_run(config, FEDERATION, timeout=6 * 3600)
+    run_dir, wall = run_resumable(config, run_root, f"{name} seed {seed}", FEDERATION)
     record(state, run_dir, wall)
 
 

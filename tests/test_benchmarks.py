@@ -120,3 +120,24 @@ def test_deployment_against_simulation(local_simulation: dict[str, str], tiny_da
     assert "ratio deployment (warm) / simulation" in stdout
     # The benchmark's own federation was stopped: no launcher state is left behind.
     assert not list(Path(tempfile.gettempdir()).glob("fedcifar-bench-flwr-*"))
+
+
+def test_robustness(local_simulation: dict[str, str], tiny_dataset: Path,
+                    tmp_path: Path) -> None:
+    args = [*data_args(tiny_dataset, tmp_path), "--rounds", "1", "--splits", "iid",
+            "--attacks", "sign-flip", "--defences", "fedavg", "bulyan"]
+    stdout = benchmark("robustness", local_simulation, *args)
+    cells = json.loads((tmp_path / "results" / "robustness.json").read_text())["cells"]
+    row = cells["iid"]["sign-flip"]
+    assert set(row) == {"fedavg", "bulyan"}
+    assert all(cell["status"] == "completed" and len(cell["accuracy_by_round"]) == 2
+               for cell in row.values())
+    assert "sign-flip" in stdout and "bulyan" in stdout
+    # Finished cells are kept on a second call; the figure draws the table.
+    again = json.loads((tmp_path / "results" / "robustness.json").read_text())
+    benchmark("robustness", local_simulation, *args)
+    assert json.loads((tmp_path / "results" / "robustness.json").read_text()) == again
+    figures = tmp_path / "figures"
+    benchmark("figures", local_simulation, "--results", str(tmp_path / "results"),
+              "--out", str(figures))
+    assert (figures / "robustness.png").read_bytes()[:4] == b"\x89PNG"
