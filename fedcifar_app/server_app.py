@@ -100,6 +100,7 @@ def main(grid: Grid, context: Context) -> None:
                                      on_phase_end=strategy.record_phase,
                                      rng=random.Random(config.seed))
     try:
+        strategy.meet_nodes(recovering_grid)
         result = strategy.start(
             grid=recovering_grid,
             initial_arrays=ArrayRecord(task.cpu_state_dict(net)),

@@ -177,6 +177,10 @@ def test_a_sigkilled_training_node_is_replaced_and_the_run_completes(
         "local-epochs": 200})
     run = start_run(federation, config)
     try:
+        # Round 0's evaluation is written once every node has said which partition it
+        # holds (a ClientApp per node): a ClientApp after that trains.
+        wait_for(lambda: any(tmp_path.glob("out/flwr-run-*/results.json")), 120,
+                 "the run to start")
         wait_for(lambda: training_node(federation) is not None, 120, "a node to train")
         victim = training_node(federation)
         launcher.stop_process_tree(federation.supernode_pids[victim],
@@ -209,6 +213,10 @@ def test_a_restarted_node_is_sampled_again(deploy, tiny_dataset: Path,
         "local-epochs": 100})
     run = start_run(federation, config)
     try:
+        # Round 0's evaluation is written once every node has said which partition it
+        # holds (a ClientApp per node): a ClientApp after that trains.
+        wait_for(lambda: any(tmp_path.glob("out/flwr-run-*/results.json")), 120,
+                 "the run to start")
         wait_for(lambda: training_node(federation) is not None, 120, "a node to train")
         launcher.restart_supernode(federation, 0, kill=False)
     finally:

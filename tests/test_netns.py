@@ -57,8 +57,8 @@ def training_on(network: netns.Network, host: str) -> bool:
 
 
 def entries(out: Path) -> list[dict]:
-    runs = list(out.glob("flwr-run-*"))
-    return load_results(runs[0])["entries"] if runs else []
+    written = list(out.glob("flwr-run-*/results.json"))
+    return load_results(written[0].parent)["entries"] if written else []
 
 
 def test_a_cut_link_and_a_sigkill_mid_round_do_not_stop_the_run(
@@ -77,6 +77,9 @@ def test_a_cut_link_and_a_sigkill_mid_round_do_not_stop_the_run(
         "min-available-nodes=1 round-timeout=60.0 local-epochs=30")
     started = time.monotonic()
     try:
+        # Round 0's evaluation is written once every node has said which partition it
+        # holds (a ClientApp per node): a ClientApp after that trains.
+        netns.wait_for(lambda: len(entries(out)) >= 1, 120, "the run to start")
         netns.wait_for(lambda: training_on(network, "node2"), 120, "node 2 to train")
         network.cut("node2")  # mid-training, no goodbye
         netns.wait_for(lambda: len(entries(out)) >= 2 and "train_nodes" in entries(out)[1],

@@ -205,6 +205,12 @@ class SafeguardsMixin:
                 self.min_available_nodes)
             time.sleep(1)
 
+    def meet_nodes(self, grid: Grid) -> None:
+        """Before the run's first evaluation: wait for min-available-nodes and ask them
+        which partitions they hold (nodes that join later are asked when first seen)."""
+        self.wait_for_nodes(grid)
+        self.partitions.ordered_connected(grid)
+
     def seeded_nodes(self, grid: Grid, run_round: int, phase: str) -> NodeList:
         """The connected nodes in partition order, with Flower's draw seeded for this
         round and phase: what the strategy's own sampling then picks from."""
