@@ -32,17 +32,31 @@ DEFAULT_EPOCHS = 5
 CENTRALIZED_DEFAULTS = {"learning-rate": 0.005}
 
 
+# Without a terminal (a log file, CI), progress is a line every this fraction of an epoch.
+LOG_PROGRESS_EVERY = 0.1
+
+
 class _ProgressLoader:
-    """Shows a progress bar for each pass over the wrapped loader."""
+    """Shows progress through each pass over the wrapped loader: a bar on a terminal,
+    a line every tenth of the epoch in a log file."""
 
     def __init__(self, loader: BatchLoader, epochs: int) -> None:
         self.loader, self.epochs, self.epoch = loader, epochs, 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.epoch += 1
-        yield from tqdm(self.loader, desc=f"epoch {self.epoch}/{self.epochs}",
-                        unit="batch", leave=False, file=sys.stdout,
-                        disable=None)  # None: a bar on terminals, no noise in log files
+        label = f"epoch {self.epoch}/{self.epochs}"
+        if sys.stdout.isatty():
+            yield from tqdm(self.loader, desc=label, unit="batch", leave=False,
+                            file=sys.stdout)
+            return
+        total, started = len(self.loader), time.perf_counter()
+        step = max(int(total * LOG_PROGRESS_EVERY), 1)
+        for done, batch in enumerate(self.loader, 1):
+            yield batch
+            if done % step == 0 and done < total:
+                print(f"{label}: {done}/{total} batches ({done / total:.0%}, "
+                      f"{time.perf_counter() - started:.0f} s)", flush=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[int, RunConfig]:

@@ -55,6 +55,11 @@ def test_flwr_run_with_a_bad_config_fails_and_says_why(local_simulation: dict[st
     assert status["status"] == "finished:failed"
     assert "'num-server-rounds' expects an integer, got 'two' (str)" in done.stdout + done.stderr
     assert not (tmp_path / "out").exists()  # failed before anything was written
+    if not torch.cuda.is_available():
+        done, status = flwr_run(local_simulation, f"device='cuda' output-dir='{tmp_path}'")
+        assert status["status"] == "finished:failed"
+        assert "device 'cuda' is not available on this machine; available: cpu" \
+            in done.stdout + done.stderr
 
 
 def test_evaluation_every_k_rounds_and_folded_into_training(
