@@ -73,8 +73,14 @@ def flwr_run(connection: str, config: str) -> tuple[subprocess.CompletedProcess,
 
 
 def online_nodes(connection: str) -> int:
-    listing = json.loads(flwr("supernode", "ls", connection, "--format", "json").stdout)
-    return sum(node["status"] == "online" for node in listing["nodes"])
+    """Online SuperNodes; 0 while the SuperLink cannot answer (e.g. it is restarting, and
+    `flwr` prints an error object instead of a listing)."""
+    listing = flwr("supernode", "ls", connection, "--format", "json").stdout
+    try:
+        nodes = json.loads(listing)["nodes"]
+    except (ValueError, KeyError):
+        return 0
+    return sum(node["status"] == "online" for node in nodes)
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
