@@ -88,22 +88,25 @@ def flwr_run(run_config: str, federation_config: str | None = None,
 
 
 def run_resumable(run_config: str, run_root: Path, label: str,
-                  federation_config: str | None = None,
-                  timeout: float = 6 * 3600) -> tuple[Path, float]:
+                  federation_config: str | None = None, timeout: float = 6 * 3600,
+                  resumable: bool = True) -> tuple[Path, float]:
     """One benchmark run whose output folder is ``run_root``; return (run folder, wall
     seconds spent now). A run that completed before is returned as it is (0 s); one
     that was cut off (a checkpoint, no "completed" status) resumes from its last round
-    with ``resume-from``, so a benchmark can be restarted across work periods."""
+    with ``resume-from``, so a benchmark can be restarted across work periods, unless
+    ``resumable`` is False (state beyond the checkpoint, e.g. SCAFFOLD's controls,
+    would restart at zero): then it starts over."""
     checkpoints = sorted(run_root.glob("flwr-run-*/checkpoint.pt"),
                          key=lambda p: p.stat().st_mtime)
-    if checkpoints:
-        last = checkpoints[-1].parent
-        if load(last / "results.json").get("status") == "completed":
-            return last, 0.0
-        run_config += f" resume-from='{last}'"
-        print(f"{label}: resuming from {last}", flush=True)
+    if checkpoints and load(checkpoints[-1].parent / "results.json").get(
+            "status") == "completed":
+        return checkpoints[-1].parent, 0.0
+    if checkpoints and resumable:
+        run_config += f" resume-from='{checkpoints[-1].parent}'"
+        print(f"{label}: resuming from {checkpoints[-1].parent}", flush=True)
     else:
-        print(f"{label}: starting", flush=True)
+        print(f"{label}: starting" + (" over (not resumable)" if checkpoints else ""),
+              flush=True)
     wall, run_dir, _ = flwr_run(run_config, federation_config, timeout=timeout)
     return run_dir, wall
 

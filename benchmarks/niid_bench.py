@@ -18,7 +18,8 @@ Each (row, seed) is one run of ~500 CIFAR-10 epochs of compute. Runs go one at a
 time, seed by seed (every row's first seed before any row's second); progress is
 saved in niid_bench.json under --out after every run, and a run that was cut off
 (its run folder has a checkpoint but no "completed" status) is resumed from its
-last round with ``resume-from``, so the script can be restarted across work
+last round with ``resume-from`` (SCAFFOLD runs start over instead: their control
+variates are not in the checkpoint), so the script can be restarted across work
 periods until every run is done. Each row reports the mean and sample standard
 deviation over its seeds of the best accuracy and of the mean of the last 10 rounds.
 
@@ -92,7 +93,9 @@ def run_one(args, name: str, seed: int, state: dict, out: Path) -> None:
     run_root = out / "runs" / "niid-bench" / name / f"seed{seed}"
     config = (f"{data_config(args, run_root)} {COMMON} {RUNS[name]} seed={seed} "
               f"num-server-rounds={args.rounds}")
-    run_dir, wall = run_resumable(config, run_root, f"{name} seed {seed}", FEDERATION)
+    # A resumed SCAFFOLD run restarts its control variates at zero: not the same run.
+    run_dir, wall = run_resumable(config, run_root, f"{name} seed {seed}", FEDERATION,
+                                  resumable=not name.startswith("scaffold"))
     record(state, run_dir, wall)
 
 
