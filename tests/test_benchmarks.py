@@ -141,3 +141,23 @@ def test_robustness(local_simulation: dict[str, str], tiny_dataset: Path,
     benchmark("figures", local_simulation, "--results", str(tmp_path / "results"),
               "--out", str(figures))
     assert (figures / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_cut_off_run_resumes_unless_it_cannot(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import common
+
+    calls = []
+    monkeypatch.setattr(common, "flwr_run", lambda config, federation, timeout: (
+        calls.append(config) or (1.0, tmp_path / "new-run", "")))
+    cut = tmp_path / "flwr-run-1"
+    cut.mkdir()
+    (cut / "checkpoint.pt").write_bytes(b"")
+    (cut / "results.json").write_text('{"status": "running"}')
+    assert common.run_resumable("seed=1", tmp_path, "row") == (tmp_path / "new-run", 1.0)
+    assert calls[-1] == f"seed=1 resume-from='{cut}'"
+    common.run_resumable("seed=1", tmp_path, "row", resumable=False)  # e.g. SCAFFOLD
+    assert calls[-1] == "seed=1"
+    (cut / "results.json").write_text('{"status": "completed"}')
+    assert common.run_resumable("seed=1", tmp_path, "row") == (cut, 0.0)
+    assert len(calls) == 2
