@@ -145,7 +145,7 @@ def train(msg: Message, context: Context) -> Message:
                "train-seconds": time.perf_counter() - started,
                **{f"eval-{name}": value for name, value in evaluation.items()}}
     if attack is not None and not attack.poisons_data:
-        _poison(net, attack, received, config, msg, context)
+        _poison(net, attack, received, config, msg, context, train_data)
     reply = _reply(msg, metrics, net)
     reply.content["worker"] = worker_identity()
     if scaffold is not None:
@@ -160,9 +160,8 @@ def _local_training(net: torch.nn.Module, data: ImageTensors, config: RunConfig,
     """Train ``net`` in place; return (mean loss, SGD steps)."""
     server_round = int(msg.content["config"]["server-round"])
     device = next(net.parameters()).device
-    # A distinct, reproducible shuffle/augmentation stream per (seed, round, node).
     generator = torch.Generator(device=device).manual_seed(
-        hash((config.seed, server_round, node)) % 2**63)
+        _round_seed(config, server_round, node))
     loader = BatchLoader(data, config.batch_size, shuffle=True, augment=config.augment,
                          generator=generator)
     loss = task.train(
@@ -175,6 +174,12 @@ def _local_training(net: torch.nn.Module, data: ImageTensors, config: RunConfig,
     return loss, config.local_epochs * len(loader)
 
 
+def _round_seed(config: RunConfig, server_round: int, node: int) -> int:
+    """A distinct, reproducible random stream per (seed, round, node): ints hash the
+    same in every process, whatever PYTHONHASHSEED."""
+    return hash((config.seed, server_round, node)) % 2**63
+
+
 def _node_attack(config: RunConfig, node_config: dict):  # noqa: ANN202 - NodeAttack | None
     """This node's simulated attack, or None. The attack code is imported only when an
     attack is configured: honest runs never load it."""
@@ -185,43 +190,41 @@ def _node_attack(config: RunConfig, node_config: dict):  # noqa: ANN202 - NodeAt
 
 
 def _poison(net: torch.nn.Module, attack, received: dict[str, torch.Tensor],  # noqa: ANN001
-            config: RunConfig, msg: Message, context: Context) -> None:
-    """Replace the trained weights in ``net`` with what the attacker sends."""
+            config: RunConfig, msg: Message, context: Context, own: ImageTensors) -> None:
+    """Replace the trained weights in ``net`` with what the attacker sends; ``own`` is
+    the node's training data, on its device."""
     from fedcifar_app import attacks
 
-    trained = task.cpu_state_dict(net)
     if attack.kind == "little-is-enough":
         honest = []
-        for node, data in _colluder_data(attack, config, context):
+        for node, data in _colluder_data(attack, config, context, own):
             colluder = task.build_model(config.model).to(next(net.parameters()).device)
             colluder.load_state_dict(received)
             _local_training(colluder, data, config, msg, node)
             honest.append(task.cpu_state_dict(colluder))
         sent = attacks.little_is_enough(received, honest, attack.z)
     else:
-        round_seed = hash((config.seed, int(msg.content["config"]["server-round"]),
-                           context.node_config.get("partition-id", context.node_id)))
-        sent = attacks.poisoned(attack, received, trained,
-                                torch.Generator().manual_seed(round_seed % 2**63))
+        round_seed = _round_seed(config, int(msg.content["config"]["server-round"]),
+                                 context.node_config.get("partition-id", context.node_id))
+        sent = attacks.poisoned(attack, received, task.cpu_state_dict(net),
+                                torch.Generator().manual_seed(round_seed))
     net.load_state_dict(sent)
 
 
-def _colluder_data(attack, config: RunConfig,  # noqa: ANN001
-                   context: Context) -> list[tuple[int, ImageTensors]]:
+def _colluder_data(attack, config: RunConfig, context: Context,  # noqa: ANN001
+                   own: ImageTensors) -> list[tuple[int, ImageTensors]]:
     """Training data the colluding attackers pool: each attacking partition's in
-    simulation, shards of this node's own data on a deployed node."""
-    device = node_device(config, context.node_config)
+    simulation, shards of this node's own data (``own``) on a deployed node."""
     if attack.colluders:
         node_config = dict(context.node_config)
         pooled = []
         for partition in attack.colluders:
             node_config["partition-id"] = partition
-            pooled.append((partition, node_data(config, node_config)[0].to(device)))
+            pooled.append((partition, node_data(config, node_config)[0].to(own.device)))
         return pooled
     from fedcifar_app.attacks import LIE_SHARDS
 
-    own = node_data(config, context.node_config)[0].to(device)
-    shards = torch.arange(len(own), device=device).chunk(LIE_SHARDS)
+    shards = torch.arange(len(own), device=own.device).chunk(LIE_SHARDS)
     return [(index, own.subset(shard)) for index, shard in enumerate(shards)]
 
 
