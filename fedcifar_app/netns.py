@@ -98,6 +98,25 @@ def check_available() -> None:
     subprocess.run(["ip", "netns", "del", probe], check=False)
 
 
+def can_run_here() -> bool:
+    """Whether namespaces and the tools work here; if not, say why on stderr."""
+    try:
+        check_available()
+    except NetnsUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return False
+    return True
+
+
+def demo_parser(prog: str, description: str, rounds: int) -> argparse.ArgumentParser:
+    """The options of the one-machine demos (this module's and ray_cluster's)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder with train.parquet and test.parquet")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    return parser
+
+
 def _ip(*args: str, namespace: str | None = None) -> None:
     prefix = ["ip", "netns", "exec", namespace] if namespace else []
     subprocess.run([*prefix, "ip", *args], check=True, capture_output=True, text=True)
@@ -312,19 +331,12 @@ def wait_for(condition, timeout: float, what: str) -> None:  # noqa: ANN001
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedcifar_app.netns",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True,
-                        help="folder with train.parquet and test.parquet")
+    parser = demo_parser("python -m fedcifar_app.netns", __doc__.split("\n\n")[0], rounds=3)
     parser.add_argument("--nodes", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-impair", action="store_true",
                         help="no slow uplink on node 0, no packet loss on node 1")
     args = parser.parse_args(argv)
-    try:
-        check_available()
-    except NetnsUnavailable as err:
-        print(f"error: {err}", file=sys.stderr)
+    if not can_run_here():
         return 1
     from fedcifar_app.federation import split_node_data
 

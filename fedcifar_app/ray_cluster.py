@@ -16,7 +16,6 @@ every namespace and process is removed at the end, also on failure or Ctrl-C.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedcifar_app.netns import Network, NetnsUnavailable, check_available
+from fedcifar_app.netns import Network, can_run_here, demo_parser
 
 HEAD_ADDRESS = "10.0.0.5"
 WORKER_ADDRESS = "10.0.0.6"
@@ -82,16 +81,9 @@ def topology() -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedcifar_app.ray_cluster",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True,
-                        help="folder with train.parquet and test.parquet")
-    parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args(argv)
-    try:
-        check_available()
-    except NetnsUnavailable as err:
-        print(f"error: {err}", file=sys.stderr)
+    args = demo_parser("python -m fedcifar_app.ray_cluster", __doc__.split("\n\n")[0],
+                       rounds=2).parse_args(argv)
+    if not can_run_here():
         return 1
     from fedcifar_app.results import load_results
 
