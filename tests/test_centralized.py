@@ -18,15 +18,22 @@ def centralized(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_centralized_trains_and_writes_results(tiny_dataset: Path, tmp_path: Path) -> None:
-    done = centralized("--epochs", "5", "--batch-size", "16", "--learning-rate", "0.01",
-                       "--dataset", str(tiny_dataset), "--output-dir", str(tmp_path / "out"),
-                       "--cache-dir", str(tmp_path / "cache"))
+def trained_on_tiny_data(tiny_dataset: Path, tmp_path: Path,
+                         *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """A centralized run on the tiny data that must succeed; its output and run folder."""
+    done = centralized(*args, "--dataset", str(tiny_dataset), "--output-dir",
+                       str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"))
     assert done.returncode == 0, done.stderr
+    (run_dir,) = (tmp_path / "out").iterdir()
+    return done, run_dir
+
+
+def test_centralized_trains_and_writes_results(tiny_dataset: Path, tmp_path: Path) -> None:
+    done, run_dir = trained_on_tiny_data(tiny_dataset, tmp_path, "--epochs", "5",
+                                         "--batch-size", "16", "--learning-rate", "0.01")
     assert "epoch 5/5" in done.stdout
     # No terminal here: progress comes as a line every tenth of an epoch (25 batches).
     assert "epoch 5/5: 24/25 batches (96%" in done.stdout
-    (run_dir,) = (tmp_path / "out").iterdir()
     assert run_dir.name.startswith("centralized-") and str(run_dir) in done.stdout
     results = json.loads((run_dir / RESULTS_FILE).read_text())
     assert results["kind"] == "centralized" and results["status"] == "completed"
@@ -64,12 +71,9 @@ def test_centralized_rejects_bad_flags(tmp_path: Path) -> None:
 
 
 def test_centralized_takes_the_model_and_device(tiny_dataset: Path, tmp_path: Path) -> None:
-    done = centralized("--epochs", "1", "--model", "resnet9-gn", "--device", "cpu",
-                       "--dataset", str(tiny_dataset), "--output-dir", str(tmp_path / "out"),
-                       "--cache-dir", str(tmp_path / "cache"))
-    assert done.returncode == 0, done.stderr
+    done, run_dir = trained_on_tiny_data(tiny_dataset, tmp_path, "--epochs", "1",
+                                         "--model", "resnet9-gn", "--device", "cpu")
     assert "resnet9-gn on cpu" in done.stdout
-    (run_dir,) = (tmp_path / "out").iterdir()
     results = json.loads((run_dir / RESULTS_FILE).read_text())
     assert results["run_config"]["model"] == "resnet9-gn"
     net = task.build_model(results["run_config"]["model"])
