@@ -16,7 +16,7 @@ into any other strategy. What this module adds:
 from __future__ import annotations
 
 from flwr.app import Array, ArrayRecord, Message
-from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
+from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
 
 
 def minimum_updates(strategy: str, num_malicious: int) -> int:
@@ -49,13 +49,12 @@ def bound_update_norms(replies: list[Message], global_arrays: ArrayRecord,
     clipped = 0
     for reply in replies:
         record = reply.content["arrays"]
-        weights = [record[key].numpy() for key in keys]
-        delta_norm = get_norm([w - g for w, g in zip(weights, reference, strict=True)])
-        if delta_norm <= bound:
+        update = [record[key].numpy() - start for key, start in zip(keys, reference, strict=True)]
+        if get_norm(update) <= bound:
             continue
-        compute_clip_model_update(weights, reference, bound)
+        clip_inputs_inplace(update, bound)
         reply.content["arrays"] = ArrayRecord(
-            {key: Array(weight.astype(reference[i].dtype, copy=False))
-             for i, (key, weight) in enumerate(zip(keys, weights, strict=True))})
+            {key: Array((start + delta).astype(start.dtype, copy=False))
+             for key, start, delta in zip(keys, reference, update, strict=True)})
         clipped += 1
     return clipped
