@@ -17,6 +17,16 @@ from fedcifar_app.results import FINAL_MODEL_FILE, PLOT_FILE, load_results
 from tests.conftest import flwr_run
 
 
+def completed_run(env: dict[str, str], tiny_dataset: Path, tmp_path: Path, settings: str,
+                  out: str = "out", federation_config: str | None = None) -> Path:
+    """`flwr run .` on the tiny data with ``settings``; assert it completed; its run folder."""
+    run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
+                  f"output-dir='{tmp_path / out}' {settings}")
+    done, status = flwr_run(env, run_config, federation_config)
+    assert status["status"] == "finished:completed", done.stdout + done.stderr
+    return tmp_path / out / f"flwr-run-{status['run-id']}"
+
+
 def test_flwr_run_completes_and_writes_results(local_simulation: dict[str, str],
                                                tiny_dataset: Path, tmp_path: Path) -> None:
     run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
@@ -64,13 +74,10 @@ def test_flwr_run_with_a_bad_config_fails_and_says_why(local_simulation: dict[st
 
 def test_evaluation_every_k_rounds_and_folded_into_training(
         local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
-    run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
-                  f"output-dir='{tmp_path / 'out'}' num-server-rounds=3 "
-                  "fraction-train=1.0 min-available-nodes=3 local-epochs=1 "
-                  "evaluate-every=2 evaluate-in-train=true")
-    done, status = flwr_run(local_simulation, run_config)
-    assert status["status"] == "finished:completed", done.stdout + done.stderr
-    entries = load_results(tmp_path / "out" / f"flwr-run-{status['run-id']}")["entries"]
+    run_dir = completed_run(local_simulation, tiny_dataset, tmp_path,
+                            "num-server-rounds=3 fraction-train=1.0 min-available-nodes=3 "
+                            "local-epochs=1 evaluate-every=2 evaluate-in-train=true")
+    entries = load_results(run_dir)["entries"]
     # The starting model, every 2nd round and the final model are tested on the server.
     assert [e["evaluated"] for e in entries] == [True, False, True, True]
     assert ["test_accuracy" in e for e in entries] == [True, False, True, True]
@@ -87,13 +94,11 @@ def test_the_same_seed_gives_the_same_run(local_simulation: dict[str, str],
     updates are summed in and every random stream follow the seed, not the node IDs
     the simulation draws afresh for every run."""
     def history(seed: int) -> list[tuple]:
-        run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
-                      f"output-dir='{tmp_path / 'out'}' num-server-rounds=3 seed={seed} "
-                      "fraction-train=0.67 fraction-evaluate=0.67 min-available-nodes=3 "
-                      "local-epochs=1 augment=true partitioner='dirichlet'")
-        done, status = flwr_run(local_simulation, run_config)
-        assert status["status"] == "finished:completed", done.stdout + done.stderr
-        entries = load_results(tmp_path / "out" / f"flwr-run-{status['run-id']}")["entries"]
+        run_dir = completed_run(
+            local_simulation, tiny_dataset, tmp_path,
+            f"num-server-rounds=3 seed={seed} fraction-train=0.67 fraction-evaluate=0.67 "
+            "min-available-nodes=3 local-epochs=1 augment=true partitioner='dirichlet'")
+        entries = load_results(run_dir)["entries"]
         assert all(e.get("train_replies", 2) == 2 for e in entries)
         return [(e["test_loss"], e["test_accuracy"], e.get("evaluate")) for e in entries]
 
@@ -104,12 +109,9 @@ def test_the_same_seed_gives_the_same_run(local_simulation: dict[str, str],
 
 def test_a_run_with_the_strong_model(local_simulation: dict[str, str], tiny_dataset: Path,
                                      tmp_path: Path) -> None:
-    run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
-                  f"output-dir='{tmp_path / 'out'}' num-server-rounds=1 model='resnet9-gn' "
-                  "fraction-train=1.0 min-available-nodes=3 local-epochs=1 device='cpu'")
-    done, status = flwr_run(local_simulation, run_config)
-    assert status["status"] == "finished:completed", done.stdout + done.stderr
-    run_dir = tmp_path / "out" / f"flwr-run-{status['run-id']}"
+    run_dir = completed_run(local_simulation, tiny_dataset, tmp_path,
+                            "num-server-rounds=1 model='resnet9-gn' fraction-train=1.0 "
+                            "min-available-nodes=3 local-epochs=1 device='cpu'")
     results = load_results(run_dir)
     assert results["run_config"]["model"] == "resnet9-gn"
     assert results["entries"][1]["train_replies"] == 3
@@ -122,14 +124,12 @@ def test_sign_flipping_attackers_wreck_fedavg_and_robust_aggregators_hold(
     """One node of five flips and boosts its update; the same run, seed and attacker
     under FedAvg, FedMedian and Krum."""
     def final_accuracy(strategy: str) -> float:
-        run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
-                      f"output-dir='{tmp_path / strategy}' num-server-rounds=5 "
-                      "local-epochs=3 batch-size=16 fraction-train=1.0 fraction-evaluate=0.0 "
-                      "min-available-nodes=5 attack='sign-flip' malicious-fraction=0.2 "
-                      f"strategy='{strategy}' num-malicious-nodes=1")
-        done, status = flwr_run(local_simulation, run_config, "num-supernodes=5")
-        assert status["status"] == "finished:completed", done.stdout + done.stderr
-        (run_dir,) = (tmp_path / strategy).glob("flwr-run-*")
+        run_dir = completed_run(
+            local_simulation, tiny_dataset, tmp_path,
+            "num-server-rounds=5 local-epochs=3 batch-size=16 fraction-train=1.0 "
+            "fraction-evaluate=0.0 min-available-nodes=5 attack='sign-flip' "
+            f"malicious-fraction=0.2 strategy='{strategy}' num-malicious-nodes=1",
+            out=strategy, federation_config="num-supernodes=5")
         return load_results(run_dir)["entries"][-1]["test_accuracy"]
 
     fedavg, median, krum = map(final_accuracy, ("fedavg", "fedmedian", "krum"))
