@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import socket
 import time
+from logging import WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord,
+                      RecordDict)
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from fedcifar_app import task
 from fedcifar_app.config import RunConfig, device_problem
-from fedcifar_app.data import PartitionScheme, load_node_data, load_partition
+from fedcifar_app.data import PartitionScheme, load_node_data, load_partition, load_partitions
 from fedcifar_app.task import BatchLoader, ImageTensors
+from fedcifar_app.virtual_clients import (EACH, SEPARATOR, VIRTUAL_CLIENTS, ClientMean,
+                                          clip_update, non_finite)
 
 app = ClientApp()
 
@@ -34,23 +39,27 @@ def node_data(config: RunConfig, node_config: dict) -> tuple[ImageTensors, Image
         return load_node_data(str(node_config["data-path"]), config.cache_root,
                               config.validation_fraction, config.seed)
     if "partition-id" in node_config and "num-partitions" in node_config:
-        scheme = PartitionScheme(
-            partitioner=config.partitioner,
-            num_partitions=int(node_config["num-partitions"]),
-            dirichlet_alpha=config.dirichlet_alpha,
-            classes_per_partition=config.classes_per_partition,
-            validation_fraction=config.validation_fraction,
-            seed=config.seed,
-            dirichlet_min_partition_size=config.dirichlet_min_partition_size,
-            dirichlet_self_balancing=config.dirichlet_self_balancing,
-        )
-        return load_partition(config.dataset, config.cache_root, scheme,
+        return load_partition(config.dataset, config.cache_root,
+                              partition_scheme(config, int(node_config["num-partitions"])),
                               int(node_config["partition-id"]))
     raise NodeConfigError(
         "this SuperNode's node config names no data: start it with "
         "--node-config \"data-path='/abs/path/to/node/data'\" (a directory with "
         "train.parquet) or --node-config \"partition-id=0 num-partitions=N\" "
         f"(got node config {dict(node_config)})")
+
+
+def partition_scheme(config: RunConfig, num_partitions: int) -> PartitionScheme:
+    return PartitionScheme(
+        partitioner=config.partitioner,
+        num_partitions=num_partitions,
+        dirichlet_alpha=config.dirichlet_alpha,
+        classes_per_partition=config.classes_per_partition,
+        validation_fraction=config.validation_fraction,
+        seed=config.seed,
+        dirichlet_min_partition_size=config.dirichlet_min_partition_size,
+        dirichlet_self_balancing=config.dirichlet_self_balancing,
+    )
 
 
 def limit_torch_threads(node_config: dict) -> None:
@@ -105,11 +114,15 @@ def node_device(config: RunConfig, node_config: dict) -> torch.device:
 def _setup(context: Context) -> tuple[RunConfig, torch.device, ImageTensors, ImageTensors]:
     """The validated run config, this node's device, and its (train, validation) data
     on that device."""
-    config = RunConfig.from_mapping(context.run_config)
-    limit_torch_threads(context.node_config)
-    device = node_device(config, context.node_config)
+    config, device = _node_setup(context)
     train_data, validation_data = node_data(config, context.node_config)
     return config, device, train_data.to(device), validation_data.to(device)
+
+
+def _node_setup(context: Context) -> tuple[RunConfig, torch.device]:
+    config = RunConfig.from_mapping(context.run_config)
+    limit_torch_threads(context.node_config)
+    return config, node_device(config, context.node_config)
 
 
 def _received_model(msg: Message, config: RunConfig, device: torch.device) -> torch.nn.Module:
@@ -127,31 +140,49 @@ def _reply(msg: Message, metrics: dict, net: torch.nn.Module | None = None) -> M
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received model on this node's training data."""
+    """Train the received model on this node's training data (multiplexed: on each
+    virtual client's data the message lists)."""
+    if VIRTUAL_CLIENTS in msg.content.config_records:
+        return _serve_virtual_clients(msg, context)
     config, device, train_data, validation_data = _setup(context)
     net = _received_model(msg, config, device)
+    metrics, control_delta = _train_client(net, config, msg, context, context.node_config,
+                                           train_data, validation_data)
+    reply = _reply(msg, metrics, net)
+    reply.content["worker"] = worker_identity()
+    if control_delta is not None:
+        reply.content["control-delta"] = _parameter_record(net, control_delta)
+    return reply
+
+
+def _train_client(net: torch.nn.Module, config: RunConfig, msg: Message, context: Context,
+                  node_config: dict, train_data: ImageTensors, validation_data: ImageTensors,
+                  control_key: str = "client-control"
+                  ) -> tuple[dict[str, float], list[torch.Tensor] | None]:
+    """One client's round: train ``net`` in place (and, for an attacker, replace it
+    with what it sends); return its metrics and, with SCAFFOLD, its control delta.
+    ``node_config`` says which client (partition) this is; its SCAFFOLD control
+    ``c_i`` is kept in the node state under ``control_key``."""
     # evaluate-in-train: the received model's evaluation rides on the training reply.
     evaluation = _evaluation(net, validation_data) if config.evaluate_in_train else {}
-    attack = _node_attack(config, context.node_config)  # None: an honest node
+    attack = _node_attack(config, node_config)  # None: an honest client
     received = task.cpu_state_dict(net) if attack is not None else {}
     if attack is not None and attack.poisons_data:
         from fedcifar_app.attacks import flip_labels
         train_data = flip_labels(train_data)
-    node = context.node_config.get("partition-id", context.node_id)
-    scaffold = ScaffoldControls.receive(msg, context, net)
+    node = node_config.get("partition-id", context.node_id)
+    scaffold = ScaffoldControls.receive(msg, context, net, control_key)
     started = time.perf_counter()
     train_loss, steps = _local_training(net, train_data, config, msg, node, scaffold)
     metrics = {"train-loss": train_loss, "num-examples": len(train_data),
                "train-seconds": time.perf_counter() - started,
                **{f"eval-{name}": value for name, value in evaluation.items()}}
     if attack is not None and not attack.poisons_data:
-        _poison(net, attack, received, config, msg, context, train_data)
-    reply = _reply(msg, metrics, net)
-    reply.content["worker"] = worker_identity()
-    if scaffold is not None:
-        reply.content["control-delta"] = scaffold.update(
-            context, net, steps=steps, learning_rate=config.learning_rate)
-    return reply
+        _poison(net, attack, received, config, msg, node_config, node, train_data)
+    if scaffold is None:
+        return metrics, None
+    return metrics, scaffold.update(context, net, steps=steps,
+                                    learning_rate=config.learning_rate)
 
 
 def _local_training(net: torch.nn.Module, data: ImageTensors, config: RunConfig,
@@ -190,33 +221,33 @@ def _node_attack(config: RunConfig, node_config: dict):  # noqa: ANN202 - NodeAt
 
 
 def _poison(net: torch.nn.Module, attack, received: dict[str, torch.Tensor],  # noqa: ANN001
-            config: RunConfig, msg: Message, context: Context, own: ImageTensors) -> None:
+            config: RunConfig, msg: Message, node_config: dict, node: int,
+            own: ImageTensors) -> None:
     """Replace the trained weights in ``net`` with what the attacker sends; ``own`` is
     the node's training data, on its device."""
     from fedcifar_app import attacks
 
     if attack.kind == "little-is-enough":
         honest = []
-        for node, data in _colluder_data(attack, config, context, own):
+        for colluder_id, data in _colluder_data(attack, config, node_config, own):
             colluder = task.build_model(config.model).to(next(net.parameters()).device)
             colluder.load_state_dict(received)
-            _local_training(colluder, data, config, msg, node)
+            _local_training(colluder, data, config, msg, colluder_id)
             honest.append(task.cpu_state_dict(colluder))
         sent = attacks.little_is_enough(received, honest, attack.z)
     else:
-        round_seed = _round_seed(config, int(msg.content["config"]["server-round"]),
-                                 context.node_config.get("partition-id", context.node_id))
+        round_seed = _round_seed(config, int(msg.content["config"]["server-round"]), node)
         sent = attacks.poisoned(attack, received, task.cpu_state_dict(net),
                                 torch.Generator().manual_seed(round_seed))
     net.load_state_dict(sent)
 
 
-def _colluder_data(attack, config: RunConfig, context: Context,  # noqa: ANN001
+def _colluder_data(attack, config: RunConfig, node_config: dict,  # noqa: ANN001
                    own: ImageTensors) -> list[tuple[int, ImageTensors]]:
     """Training data the colluding attackers pool: each attacking partition's in
     simulation, shards of this node's own data (``own``) on a deployed node."""
     if attack.colluders:
-        node_config = dict(context.node_config)
+        node_config = dict(node_config)
         pooled = []
         for partition in attack.colluders:
             node_config["partition-id"] = partition
@@ -234,34 +265,36 @@ class ScaffoldControls:
     training started from. Parameters are taken in ``net.named_parameters()`` order."""
 
     def __init__(self, server: list[torch.Tensor], client: list[torch.Tensor],
-                 global_weights: list[torch.Tensor]) -> None:
+                 global_weights: list[torch.Tensor], control_key: str) -> None:
         self.server, self.client, self.global_weights = server, client, global_weights
+        self.control_key = control_key
 
     @classmethod
-    def receive(cls, msg: Message, context: Context,
-                net: torch.nn.Module) -> ScaffoldControls | None:
-        """The controls for this round, or None if the strategy is not SCAFFOLD."""
+    def receive(cls, msg: Message, context: Context, net: torch.nn.Module,
+                control_key: str) -> ScaffoldControls | None:
+        """The controls for this round, or None if the strategy is not SCAFFOLD; the
+        client's own is in the node state under ``control_key``."""
         if "server-control" not in msg.content.array_records:
             return None
         server = _parameter_tensors(msg.content["server-control"], net)
-        if "client-control" in context.state.array_records:
-            client = _parameter_tensors(context.state["client-control"], net)
+        if control_key in context.state.array_records:
+            client = _parameter_tensors(context.state[control_key], net)
         else:
             client = [torch.zeros_like(t) for t in server]
-        return cls(server, client, [p.detach().clone() for p in net.parameters()])
+        return cls(server, client, [p.detach().clone() for p in net.parameters()],
+                   control_key)
 
     def drift_correction(self) -> list[torch.Tensor]:
         return [c - c_i for c, c_i in zip(self.server, self.client, strict=True)]
 
     def update(self, context: Context, net: torch.nn.Module, steps: int,
-               learning_rate: float) -> ArrayRecord:
+               learning_rate: float) -> list[torch.Tensor]:
         """Store the new ``c_i`` in the node state; return its change for the server."""
         new_client = task.scaffold_client_control(
             self.client, self.server, self.global_weights,
             [p.detach() for p in net.parameters()], steps, learning_rate)
-        context.state["client-control"] = _parameter_record(net, new_client)
-        return _parameter_record(
-            net, [new - old for new, old in zip(new_client, self.client, strict=True)])
+        context.state[self.control_key] = _parameter_record(net, new_client)
+        return [new - old for new, old in zip(new_client, self.client, strict=True)]
 
 
 def _parameter_tensors(record: ArrayRecord, net: torch.nn.Module) -> list[torch.Tensor]:
@@ -273,6 +306,84 @@ def _parameter_tensors(record: ArrayRecord, net: torch.nn.Module) -> list[torch.
 def _parameter_record(net: torch.nn.Module, tensors: list[torch.Tensor]) -> ArrayRecord:
     names = [name for name, _ in net.named_parameters()]
     return ArrayRecord({name: tensor.cpu() for name, tensor in zip(names, tensors, strict=True)})
+
+
+def _serve_virtual_clients(msg: Message, context: Context) -> Message:
+    """Multiplexed mode: train or evaluate, one after another, the virtual clients
+    the message lists, and reply once for all (see strategies/multiplex.py). A client
+    that fails is reported, not fatal to the others."""
+    config, device = _node_setup(context)
+    bundle = msg.content[VIRTUAL_CLIENTS]
+    clients = [int(c) for c in bundle["partition-ids"]]
+    each = bundle["reply"] == EACH
+    training = msg.metadata.message_type == MessageType.TRAIN
+    received = msg.content["arrays"].to_torch_state_dict()
+    net = task.build_model(config.model).to(device)
+    data = load_partitions(config.dataset, config.cache_root,
+                           partition_scheme(config, config.virtual_clients), clients)
+    mean, content = ClientMean(), RecordDict()
+    outcome: dict[str, list] = {"served": [], "failed": [], "failure-reasons": [],
+                                "rejected": []}
+    clipped, seconds = 0, 0.0
+    for client, (train_data, validation_data) in zip(clients, data, strict=True):
+        net.load_state_dict(received)
+        node_config = {**context.node_config, "partition-id": client,
+                       "num-partitions": config.virtual_clients}
+        try:
+            if training:
+                metrics, control_delta = _train_client(
+                    net, config, msg, context, node_config, train_data.to(device),
+                    validation_data.to(device), control_key=f"client-control/{client}")
+            else:
+                metrics, control_delta = _client_evaluation(net, validation_data.to(device))
+        except Exception as err:  # noqa: BLE001 - one client's failure is reported
+            log(WARNING, "virtual client %d failed: %s: %s", client, type(err).__name__, err)
+            outcome["failed"].append(client)
+            outcome["failure-reasons"].append(f"{type(err).__name__}: {err}")
+            continue
+        weights = task.cpu_state_dict(net) if training else None
+        problem = _client_problem(metrics, weights) if not each else None
+        if problem is not None:
+            log(WARNING, "virtual client %d: dropped its result: %s", client, problem)
+            outcome["rejected"].append(client)
+            continue
+        if weights is not None and not each and config.update_norm_bound > 0:
+            clipped += clip_update(weights, received, config.update_norm_bound)
+        outcome["served"].append(client)
+        seconds += float(metrics.get("train-seconds", 0.0))
+        if each:
+            content[f"arrays{SEPARATOR}{client}"] = ArrayRecord(weights)
+            content[f"metrics{SEPARATOR}{client}"] = MetricRecord(metrics)
+        else:
+            mean.add(weights, metrics, None if control_delta is None else dict(
+                zip((name for name, _ in net.named_parameters()), control_delta)))
+    if mean.clients:
+        content["metrics"] = MetricRecord(mean.metrics())
+        if training:
+            content["arrays"] = ArrayRecord(mean.model())
+        mean_control_delta = mean.per_client_mean()
+        if mean_control_delta:
+            content["control-delta"] = ArrayRecord(mean_control_delta)
+    content[VIRTUAL_CLIENTS] = ConfigRecord({**outcome, "clipped": clipped,
+                                             "train-seconds": seconds})
+    content["worker"] = worker_identity()
+    return Message(content=content, reply_to=msg)
+
+
+def _client_evaluation(net: torch.nn.Module, data: ImageTensors
+                       ) -> tuple[dict[str, float], None]:
+    evaluation = _evaluation(net, data)
+    return {"eval-loss": evaluation["loss"], "eval-accuracy": evaluation["accuracy"],
+            "num-examples": evaluation["num-examples"]}, None
+
+
+def _client_problem(metrics: dict[str, float],
+                    weights: dict[str, torch.Tensor] | None) -> str | None:
+    """Why one virtual client's result must not join its node's mean: the server's
+    per-update checks, made on the node because the server sees only the mean."""
+    if not metrics["num-examples"] > 0:
+        return f"'num-examples' must be positive, got {metrics['num-examples']}"
+    return None if weights is None else non_finite(weights)
 
 
 @app.query()
@@ -289,12 +400,13 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received model on this node's validation data."""
+    """Evaluate the received model on this node's validation data (multiplexed: on
+    each virtual client's the message lists)."""
+    if VIRTUAL_CLIENTS in msg.content.config_records:
+        return _serve_virtual_clients(msg, context)
     config, device, _, validation_data = _setup(context)
-    evaluation = _evaluation(_received_model(msg, config, device), validation_data)
-    return _reply(msg, {"eval-loss": evaluation["loss"],
-                        "eval-accuracy": evaluation["accuracy"],
-                        "num-examples": evaluation["num-examples"]})
+    metrics, _ = _client_evaluation(_received_model(msg, config, device), validation_data)
+    return _reply(msg, metrics)
 
 
 def _evaluation(net: torch.nn.Module, data: ImageTensors) -> dict[str, float]:

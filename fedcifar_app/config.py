@@ -97,6 +97,12 @@ class RunConfig:
     resume_from: str = _setting(
         "", "A checkpoint.pt (or the run folder holding it) to continue from; empty: start "
         "afresh.")
+    virtual_clients: int = _setting(
+        0, "Multiplexed simulation: this many virtual clients (partitions of the data set), "
+        "served by the connected SuperNodes, each node training the clients it is given one "
+        "after another and replying once per round; fraction-train and fraction-evaluate "
+        "then sample virtual clients (0: per-node mode, one client per SuperNode).",
+        _at_least(0))
     evaluate_every: int = _setting(
         1, "Server-side evaluation on the test split every this many rounds, and after "
         "the last round (1: every round).", _at_least(1))
@@ -224,6 +230,10 @@ class RunConfig:
         if self.validation_fraction == 0 and self.evaluate_in_train:
             problems.append("'evaluate-in-train' needs validation data: 'validation-fraction' "
                             "must be > 0")
+        if self.virtual_clients and self.min_available_nodes > self.virtual_clients:
+            problems.append(f"'min-available-nodes' ({self.min_available_nodes}) counts "
+                            "SuperNodes and cannot exceed 'virtual-clients' "
+                            f"({self.virtual_clients})")
         return problems
 
     def is_evaluation_round(self, run_round: int) -> bool:

@@ -238,16 +238,25 @@ def _compute_partitions(labels: torch.Tensor, scheme: PartitionScheme) -> dict[s
 def load_partition(dataset: str, cache_root: Path, scheme: PartitionScheme,
                    partition_id: int) -> tuple[ImageTensors, ImageTensors]:
     """(train, validation) tensors of one simulated node's partition."""
-    if not 0 <= partition_id < scheme.num_partitions:
-        raise ValueError(f"partition-id {partition_id} is outside "
-                         f"[0, {scheme.num_partitions - 1}] (num-partitions)")
+    return load_partitions(dataset, cache_root, scheme, [partition_id])[0]
+
+
+def load_partitions(dataset: str, cache_root: Path, scheme: PartitionScheme,
+                    partition_ids: list[int]) -> list[tuple[ImageTensors, ImageTensors]]:
+    """(train, validation) tensors of each of ``partition_ids``: the split and the
+    partition index are mapped once for all of them (a multiplexed node's clients)."""
+    for partition_id in partition_ids:
+        if not 0 <= partition_id < scheme.num_partitions:
+            raise ValueError(f"partition-id {partition_id} is outside "
+                             f"[0, {scheme.num_partitions - 1}] (num-partitions)")
     # Fingerprinting a local directory stats its files: once per call, not twice.
     cache_dir = dataset_cache_dir(dataset, cache_root)
     split = _load_split(dataset, "train", cache_dir)
     partitions = _cached(cache_dir / scheme.cache_name(),
                          lambda: _compute_partitions(split.labels, scheme))
-    return (split.subset(_part(partitions["train"], partition_id)),
-            split.subset(_part(partitions["validation"], partition_id)))
+    return [(split.subset(_part(partitions["train"], partition_id)),
+             split.subset(_part(partitions["validation"], partition_id)))
+            for partition_id in partition_ids]
 
 
 def load_node_data(data_path: str, cache_root: Path, validation_fraction: float,

@@ -17,7 +17,7 @@ from fedcifar_app.config import ConfigError, RunConfig
 from fedcifar_app.data import load_split
 from fedcifar_app.results import RunRecorder, load_results
 from fedcifar_app.strategies import (Checkpoint, RecoveringGrid, build_strategy,
-                                     load_checkpoint)
+                                     load_checkpoint, strategy_grid)
 from fedcifar_app.task import BatchLoader
 
 app = ServerApp()
@@ -102,7 +102,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         strategy.meet_nodes(recovering_grid)
         result = strategy.start(
-            grid=recovering_grid,
+            grid=strategy_grid(config, recovering_grid, strategy),
             initial_arrays=ArrayRecord(task.cpu_state_dict(net)),
             num_rounds=config.num_server_rounds - strategy.round_offset,
             timeout=config.round_timeout,

@@ -6,7 +6,9 @@
 * ``recovery``: ``RecoveringGrid``, which replaces nodes that fail mid-round;
 * ``sampling``: reproducible node draws and aggregation order;
 * ``robust``: checks for Flower's Byzantine-robust aggregators, and update-norm
-  bounding for every strategy.
+  bounding for every strategy;
+* ``multiplex``: ``MultiplexingGrid``, many virtual clients per SuperNode
+  (``virtual-clients``).
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ from typing import Any
 from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx,
                                      FedTrimmedAvg, Krum, MultiKrum)
 
-from fedcifar_app.config import RunConfig
+from flwr.serverapp import Grid
+
+from fedcifar_app.config import ROBUST_STRATEGIES, RunConfig
 from fedcifar_app.results import RunRecorder
 from fedcifar_app.strategies.safeguards import (CHECKPOINT_FILE, Checkpoint, RunFailedError,
                                                 SafeguardsMixin, load_checkpoint)
+from fedcifar_app.strategies.multiplex import MultiplexingGrid
 from fedcifar_app.strategies.recovery import RecoveringGrid
 from fedcifar_app.strategies.sampling import PartitionDirectory
 from fedcifar_app.strategies.scaffold import Scaffold
 
 __all__ = ["CHECKPOINT_FILE", "Checkpoint", "RecoveringGrid", "RunFailedError",
-           "build_strategy", "load_checkpoint"]
+           "build_strategy", "load_checkpoint", "strategy_grid"]
 
 STRATEGY_CLASSES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM,
                     "fedadam": FedAdam, "scaffold": Scaffold, "fedmedian": FedMedian,
@@ -74,3 +79,15 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
     strategy.update_norm_bound = config.update_norm_bound
     strategy.partitions = PartitionDirectory(timeout=config.round_timeout)
     return strategy
+
+
+def strategy_grid(config: RunConfig, grid: Grid, strategy: FedAvg) -> Grid:
+    """The Grid the strategy runs on: ``grid`` (per-node mode), or with
+    ``virtual-clients`` a MultiplexingGrid of that many clients over its nodes."""
+    if not config.virtual_clients:
+        return grid
+    return MultiplexingGrid(grid, config.virtual_clients, strategy.partitions,
+                            # SCAFFOLD keeps each client's control variate on its node.
+                            sticky=config.strategy == "scaffold",
+                            # Robust aggregators need every update, not a mean.
+                            each=config.strategy in ROBUST_STRATEGIES)

@@ -43,6 +43,9 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedcifar_app.results import RunRecorder, atomic_write
+from fedcifar_app.strategies.multiplex import (MultiplexingGrid, clipped_on_nodes,
+                                               is_node_mean, rejected_on_nodes, served,
+                                               train_seconds)
 from fedcifar_app.strategies.recovery import PhaseReport
 from fedcifar_app.strategies.robust import bound_update_norms, sample_size_problem
 from fedcifar_app.strategies.sampling import NodeList, PartitionDirectory, seed_draw
@@ -213,9 +216,14 @@ class SafeguardsMixin:
 
     def seeded_nodes(self, grid: Grid, run_round: int, phase: str) -> NodeList:
         """The connected nodes in partition order, with Flower's draw seeded for this
-        round and phase: what the strategy's own sampling then picks from."""
-        self.wait_for_nodes(grid)
-        nodes = NodeList(self.partitions.ordered_connected(grid))
+        round and phase: what the strategy's own sampling then picks from (in
+        multiplexed mode, the virtual clients in partition order)."""
+        if isinstance(grid, MultiplexingGrid):
+            self.wait_for_nodes(grid.grid)
+            nodes = NodeList(grid.get_node_ids())
+        else:
+            self.wait_for_nodes(grid)
+            nodes = NodeList(self.partitions.ordered_connected(grid))
         if phase == "train":  # as many as Flower's FedAvg.configure_train will sample
             sampled = max(int(len(nodes.node_ids) * self.fraction_train),  # type: ignore
                           self.min_train_nodes)  # type: ignore[attr-defined]
@@ -285,9 +293,12 @@ class SafeguardsMixin:
             else:
                 reject(reply, f"metric names {sorted(metric_names(reply))} differ from the "
                               f"other replies' {sorted(common_names)}")
-        self.recorder.record(server_round, train_replies=len(usable),
-                             train_failures=len(errors), train_rejected=len(rejected),
-                             train_nodes=[r.metadata.src_node_id for r in usable],
+        # Counted per client: a multiplexed node's reply holds several (see multiplex).
+        self.recorder.record(server_round, train_replies=sum(len(served(r)) for r in usable),
+                             train_failures=len(errors),
+                             train_rejected=sum(len(served(r)) for r in rejected)
+                             + rejected_on_nodes(replies),
+                             train_nodes=[c for r in usable for c in served(r)],
                              train_workers=[worker(r) for r in usable])
         if not usable:
             raise RunFailedError(
@@ -295,8 +306,11 @@ class SafeguardsMixin:
                 f"aggregated ({len(errors)} failed, {len(rejected)} rejected); stopping "
                 "instead of carrying the old model forward")
         if self.update_norm_bound > 0:
-            self.recorder.record(server_round, train_clipped=bound_update_norms(
-                usable, self._global_arrays, self.update_norm_bound))
+            # Multiplexed nodes clip each client's update before averaging them.
+            single = [r for r in usable if not is_node_mean(r)]
+            self.recorder.record(server_round, train_clipped=clipped_on_nodes(usable)
+                                 + bound_update_norms(single, self._global_arrays,
+                                                      self.update_norm_bound))
         if self.strategy_name == "multikrum" and self.multikrum_keep == 0:
             self.num_nodes_to_select = max(len(usable) - self.assumed_malicious, 1)
         arrays, metrics = super().aggregate_train(  # type: ignore[misc]
@@ -309,8 +323,7 @@ class SafeguardsMixin:
         self.samples_trained += self.local_epochs * sum(
             int(r.content["metrics"]["num-examples"]) for r in usable)
         # Summed, unlike the weighted mean in `train`: the round's compute in CPU-seconds.
-        client_train_seconds = sum(float(r.content["metrics"].get("train-seconds", 0.0))
-                                   for r in usable)
+        client_train_seconds = sum(train_seconds(r) for r in usable)
         train_metrics = {k: v for k, v in (metrics or {}).items()
                          if not k.startswith(FOLDED_EVALUATION_PREFIX)}
         self.recorder.record(server_round, train=train_metrics,
@@ -320,7 +333,7 @@ class SafeguardsMixin:
             # The nodes evaluated the model they received: the previous round's.
             self.recorder.record(server_round - 1, timed=False,
                                  evaluate=folded_evaluation(usable),
-                                 evaluate_replies=len(usable))
+                                 evaluate_replies=sum(len(served(r)) for r in usable))
         self.save_checkpoint(server_round, arrays)
         return arrays, MetricRecord(train_metrics)
 
@@ -335,12 +348,17 @@ class SafeguardsMixin:
                       if not r.has_error() and metrics_problem(r) is None]
         common_names = most_common_metric_names(candidates)
         usable = [r for r in candidates if metric_names(r) == common_names]
+        usable_ids = {id(r) for r in usable}
         metrics = super().aggregate_evaluate(server_round, usable)  # type: ignore[misc]
         if not usable:
             log(WARNING, "Round %d: no client evaluation succeeded", server_round)
         self.recorder.record(server_round, evaluate=dict(metrics or {}),
-                             evaluate_replies=len(usable), evaluate_failures=len(failures),
-                             evaluate_rejected=len(replies) - len(failures) - len(usable))
+                             evaluate_replies=sum(len(served(r)) for r in usable),
+                             evaluate_failures=len(failures),
+                             evaluate_rejected=sum(len(served(r)) for r in replies
+                                                   if not r.has_error()
+                                                   and id(r) not in usable_ids)
+                             + rejected_on_nodes(replies))
         return metrics
 
     def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:

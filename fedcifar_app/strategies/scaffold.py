@@ -10,6 +10,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedcifar_app.strategies.multiplex import served
+
 
 class Scaffold(FedAvg):
     """SCAFFOLD (Karimireddy et al. 2020) with a global learning rate of 1, as in
@@ -19,8 +21,9 @@ class Scaffold(FedAvg):
     Every training instruction carries the server control ``c`` as the ArrayRecord
     'server-control'; the ClientApp keeps its own ``c_i`` in its node state and
     replies with 'control-delta' (its change of ``c_i``), and ``c`` moves by the
-    mean delta times the fraction of nodes that trained. ``c`` is not in the
-    checkpoint: a resumed run starts it at zero, like the clients' node state.
+    mean delta times the fraction of nodes that trained. A multiplexed node's reply
+    holds the mean delta of its clients and counts as that many clients. ``c`` is not
+    in the checkpoint: a resumed run starts it at zero, like the clients' node state.
     """
 
     reply_records = ("arrays", "control-delta")
@@ -40,16 +43,19 @@ class Scaffold(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
         replies = list(replies)
-        deltas = []
+        deltas, clients = [], []
         for reply in replies:
             if not reply.has_error():
                 deltas.append(reply.content["control-delta"])
+                clients.append(len(served(reply)))
                 # FedAvg aggregates every ArrayRecord of a reply into the model.
                 del reply.content["control-delta"]
         arrays, metrics = super().aggregate_train(server_round, replies)
         if deltas and self.server_control is not None:
-            participation = len(deltas) / max(self.nodes_connected, len(deltas))
+            trained = sum(clients)
+            participation = trained / max(self.nodes_connected, trained)
             for key, control in self.server_control.items():
-                mean_delta = sum(delta[key].numpy() for delta in deltas) / len(deltas)
+                mean_delta = sum(count * delta[key].numpy()
+                                 for delta, count in zip(deltas, clients)) / trained
                 control += participation * mean_delta
         return arrays, metrics

@@ -1,0 +1,197 @@
+"""Multiplexed mode (virtual-clients): many clients per SuperNode, same results.
+
+The rounds run in process: ``InProcessGrid`` hands each message to the real
+ClientApp with that node's Context (kept across rounds, as a SuperNode keeps its
+state), so the strategy, the grids and the handlers are the ones a simulation
+runs, without the per-message machinery in between.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+
+from fedcifar_app import client_app, task
+from fedcifar_app.config import RunConfig
+from fedcifar_app.results import RunRecorder, load_results
+from fedcifar_app.strategies import build_strategy, strategy_grid
+from fedcifar_app.strategies.multiplex import assign
+from fedcifar_app.virtual_clients import ClientMean, clip_update, non_finite
+
+CLIENTS = 6
+
+
+class InProcessGrid:
+    """SuperNodes in this process: node ``100 + i`` holds partition i of ``nodes``
+    (what the simulation engine puts in their node configs); ``failing`` nodes
+    answer every training or evaluation instruction with an error."""
+
+    def __init__(self, nodes: int, run_config: dict, failing: tuple[int, ...] = ()) -> None:
+        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i,
+                                          node_config={"partition-id": i,
+                                                       "num-partitions": nodes},
+                                          state=RecordDict(), run_config=run_config)
+                         for i in range(nodes)}
+        self.failing = failing
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            if node in self.failing and message.metadata.message_type != "query":
+                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                             reason="node crashed"), reply_to=message))
+            else:
+                replies.append(client_app.app(message, self.contexts[node]))
+        return replies
+
+
+def run_rounds(tmp_path: Path, tiny_dataset: Path, nodes: int, rounds: int = 3,
+               failing: tuple[int, ...] = (), **overrides: object) -> tuple[dict, dict]:
+    """Run ``rounds`` rounds; return (final model, results.json)."""
+    run_config = {"dataset": str(tiny_dataset), "cache-dir": str(tmp_path.parent / "cache"),
+                  "fraction-train": 0.5, "fraction-evaluate": 0.5, "local-epochs": 1,
+                  "batch-size": 16, "min-available-nodes": 1, "seed": 5, **overrides}
+    config = RunConfig.from_mapping(run_config)
+    recorder = RunRecorder(tmp_path, kind="federated", unit="round",
+                           run_config=config.to_dict())
+    strategy = build_strategy(config, recorder)
+    grid = InProcessGrid(nodes, run_config, failing)
+    strategy.meet_nodes(grid)
+    torch.manual_seed(config.seed)
+    result = strategy.start(grid=strategy_grid(config, grid, strategy),
+                            initial_arrays=ArrayRecord(task.Net().state_dict()),
+                            num_rounds=rounds, timeout=60)
+    recorder.finish(None)
+    return result.arrays.to_torch_state_dict(), load_results(tmp_path)
+
+
+def assert_same_model(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=1e-4, atol=1e-5)
+
+
+def round_entries(results: dict) -> list[dict]:
+    return [e for e in results["entries"] if e["round"] > 0]
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedavgm", "scaffold"])
+def test_a_multiplexed_round_gives_the_per_node_model(
+        strategy: str, tmp_path: Path, tiny_dataset: Path, server_task_identity: None) -> None:
+    """Six clients as six SuperNodes, or as six virtual clients on two: same draws,
+    same training streams, same global model (and SCAFFOLD's controls follow their
+    clients across rounds on the nodes that keep them)."""
+    settings = {"strategy": strategy, "fedprox-mu": 0.1}
+    per_node, per_node_results = run_rounds(tmp_path / "per-node", tiny_dataset, CLIENTS,
+                                            **settings)
+    multiplexed, multiplexed_results = run_rounds(
+        tmp_path / "multiplexed", tiny_dataset, 2, **{"virtual-clients": CLIENTS}, **settings)
+    assert_same_model(per_node, multiplexed)
+    for node_round, mux_round in zip(round_entries(per_node_results),
+                                     round_entries(multiplexed_results), strict=True):
+        # The same partitions trained: per-node mode lists node IDs 100 + partition.
+        assert sorted(n - 100 for n in node_round["train_nodes"]) == sorted(
+            mux_round["train_nodes"])
+        assert node_round["train_replies"] == mux_round["train_replies"] == 3
+        assert node_round["samples_trained"] == mux_round["samples_trained"]
+        assert node_round["evaluate_replies"] == mux_round["evaluate_replies"] == 3
+        for key in ("train", "evaluate"):
+            for name, value in node_round[key].items():
+                if name == "train-seconds":  # a time, not a result
+                    continue
+                assert mux_round[key][name] == pytest.approx(value, rel=1e-5), (key, name)
+
+
+def test_robust_aggregators_get_every_update_and_agree_with_per_node_mode(
+        tmp_path: Path, tiny_dataset: Path, server_task_identity: None) -> None:
+    settings = {"strategy": "fedmedian", "fraction-train": 1.0, "rounds": 2}
+    rounds = settings.pop("rounds")
+    per_node, _ = run_rounds(tmp_path / "per-node", tiny_dataset, CLIENTS, rounds, **settings)
+    multiplexed, results = run_rounds(tmp_path / "multiplexed", tiny_dataset, 2, rounds,
+                                      **{"virtual-clients": CLIENTS}, **settings)
+    assert_same_model(per_node, multiplexed)
+    assert round_entries(results)[0]["train_nodes"] == list(range(CLIENTS))
+
+
+def test_a_failing_client_costs_only_itself_and_a_failing_node_its_clients(
+        tmp_path: Path, tiny_dataset: Path, server_task_identity: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real_training = client_app._local_training
+
+    def training(net, data, config, msg, node, scaffold=None):  # noqa: ANN001, ANN202
+        if node == 2:
+            raise RuntimeError("client 2 broke")
+        return real_training(net, data, config, msg, node, scaffold)
+
+    monkeypatch.setattr(client_app, "_local_training", training)
+    _, results = run_rounds(tmp_path / "one-client", tiny_dataset, 2, rounds=1,
+                            **{"virtual-clients": CLIENTS, "fraction-train": 1.0})
+    (first,) = round_entries(results)
+    assert first["train_replies"] == CLIENTS - 1
+    assert first["train_failures"] == 1
+    assert 2 not in first["train_nodes"]
+    monkeypatch.setattr(client_app, "_local_training", real_training)
+    # Node 100 serves clients 0-2 (equal contiguous shares); it fails as a whole.
+    _, results = run_rounds(tmp_path / "one-node", tiny_dataset, 2, rounds=1,
+                            failing=(100,), **{"virtual-clients": CLIENTS,
+                                               "fraction-train": 1.0, "round-retries": 0})
+    (first,) = round_entries(results)
+    assert first["train_nodes"] == [3, 4, 5]
+    assert first["train_failures"] == 3
+
+
+def test_each_node_gets_one_message_per_phase(tmp_path: Path, tiny_dataset: Path,
+                                              server_task_identity: None) -> None:
+    run_config = {"dataset": str(tiny_dataset), "cache-dir": str(tmp_path / "cache"),
+                  "virtual-clients": CLIENTS, "fraction-train": 1.0,
+                  "fraction-evaluate": 0.5, "min-available-nodes": 1}
+    config = RunConfig.from_mapping(run_config)
+    strategy = build_strategy(config, RunRecorder(tmp_path, kind="federated", unit="round",
+                                                  run_config=config.to_dict()))
+    grid = InProcessGrid(2, run_config)
+    strategy.meet_nodes(grid)
+    strategy.start(grid=strategy_grid(config, grid, strategy),
+                   initial_arrays=ArrayRecord(task.Net().state_dict()), num_rounds=1)
+    kinds = [(m.metadata.message_type, m.metadata.dst_node_id) for m in grid.sent]
+    assert kinds == [("query", 100), ("query", 101), ("train", 100), ("train", 101),
+                     ("evaluate", 100), ("evaluate", 101)]
+    evaluated = [list(m.content["virtual-clients"]["partition-ids"]) for m in grid.sent[-2:]]
+    assert sum(len(clients) for clients in evaluated) == 3  # fraction-evaluate of 6
+
+
+def test_shares_are_equal_or_sticky() -> None:
+    assert assign([5, 1, 4, 0, 3], [10, 11], sticky=False) == {10: [0, 1, 3], 11: [4, 5]}
+    assert assign([5, 1, 4, 0, 3], [10, 11], sticky=True) == {10: [0, 4], 11: [1, 3, 5]}
+    assert assign([7], [10, 11, 12], sticky=False) == {10: [7]}
+
+
+def test_the_node_mean_weights_models_and_metrics_by_examples() -> None:
+    mean = ClientMean()
+    mean.add({"w": torch.tensor([1.0, 0.0])}, {"num-examples": 1, "train-loss": 4.0})
+    mean.add({"w": torch.tensor([4.0, 3.0])}, {"num-examples": 2, "train-loss": 1.0})
+    torch.testing.assert_close(mean.model()["w"], torch.tensor([3.0, 2.0]))
+    assert mean.metrics() == {"num-examples": 3, "train-loss": pytest.approx(2.0)}
+    assert mean.model()["w"].dtype == torch.float32
+
+
+def test_node_side_checks_match_the_servers() -> None:
+    start = {"a": torch.zeros(3), "b": torch.zeros(4)}
+    weights = {"a": torch.tensor([3.0, 0.0, 0.0]), "b": torch.tensor([0.0, 4.0, 0.0, 0.0])}
+    assert clip_update(weights, start, 1.0)  # norm 5 -> 1
+    torch.testing.assert_close(weights["a"], torch.tensor([0.6, 0.0, 0.0]))
+    torch.testing.assert_close(weights["b"], torch.tensor([0.0, 0.8, 0.0, 0.0]))
+    assert not clip_update(weights, start, 1.001)  # within the bound: unchanged
+    torch.testing.assert_close(weights["a"], torch.tensor([0.6, 0.0, 0.0]))
+    assert non_finite(weights) is None
+    weights["b"][0] = float("nan")
+    assert non_finite(weights) == "'b' holds NaN or Inf"
