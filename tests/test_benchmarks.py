@@ -161,3 +161,21 @@ def test_a_cut_off_run_resumes_unless_it_cannot(tmp_path: Path, monkeypatch) -> 
     (cut / "results.json").write_text('{"status": "completed"}')
     assert common.run_resumable("seed=1", tmp_path, "row") == (cut, 0.0)
     assert len(calls) == 2
+
+
+def test_cross_device(local_simulation: dict[str, str], tiny_dataset: Path,
+                      tmp_path: Path) -> None:
+    benchmark("cross_device", local_simulation, *data_args(tiny_dataset, tmp_path),
+              "--users", "8", "--cohort", "4", "--rounds", "3", "--bare-rounds", "1",
+              "--large-users", "40", "--large-cohort", "8", "--large-rounds", "3")
+    report = json.loads((tmp_path / "results" / "cross_device.json").read_text())
+    parts = report["parts"]
+    assert [(b["threads"], b["processes"]) for b in parts["bare"]] == [(1, 1), (2, 1), (1, 2)]
+    assert all(b["samples_per_s"] > 0 for b in parts["bare"])
+    for name, cohort in (("multiplexed", 4), ("per-node", 4), ("large", 8)):
+        assert parts[name]["trained_per_round"] == cohort, name
+        assert parts[name]["s_per_round"] > 0 and parts[name]["peak_rss_gib"] > 0
+    assert parts["multiplexed"]["supernodes"] == os.cpu_count()
+    assert parts["per-node"]["supernodes"] == 8
+    # Evaluated at the start and after the last round (evaluate-every 100).
+    assert sorted(parts["multiplexed"]["test_accuracy"]) == ["0", "3"]

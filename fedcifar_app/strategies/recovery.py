@@ -12,8 +12,11 @@ own sampling and aggregation:
   reply or ``retries`` replacements were sent in this phase;
 * a node that never replied gets an error reply of its own, so it counts as
   failed like any other;
-* replies are pulled every ``poll_interval`` seconds, not every 3 s as flwr
-  1.42's HTTP Grid does, so a round ends as soon as its last reply is there.
+* replies are pulled often, not every 3 s as flwr 1.42's HTTP Grid does, so a
+  round ends soon after its last reply is there: the pause between pulls is 1/20
+  of the time the phase has waited so far, from ``MIN_POLL_INTERVAL`` up to
+  ``poll_interval`` (a reply is picked up at most ~5 % late, a 0.3 s simulated
+  round is not rounded up to 0.25 s steps, and a long phase pulls 4 times a second).
 
 The failed replies stay in the list the strategy receives, which counts them;
 replacements and timeouts go to ``on_phase_end``.
@@ -33,6 +36,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 POLL_INTERVAL = 0.25
+MIN_POLL_INTERVAL = 0.002
 # How often pending nodes are checked against the connected ones (one get_node_ids call).
 MEMBERSHIP_INTERVAL = 1.0
 
@@ -135,6 +139,7 @@ class RecoveringGrid(Grid):
                 _phase(report), node, why, replacement)
             send([_readdressed(instruction, replacement)])
 
+        started = time.monotonic()
         send(messages)
         next_membership_check = time.monotonic() + MEMBERSHIP_INTERVAL
         while pending:
@@ -165,7 +170,8 @@ class RecoveringGrid(Grid):
                             entry.instruction, ErrorCode.NODE_UNAVAILABLE,
                             "the node is no longer connected"), "disconnected")
             if pending:
-                time.sleep(self.poll_interval)
+                time.sleep(min(self.poll_interval,
+                               max(MIN_POLL_INTERVAL, (time.monotonic() - started) / 20)))
         if self.on_phase_end is not None:
             self.on_phase_end(report)
         return replies
