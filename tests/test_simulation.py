@@ -137,3 +137,23 @@ def test_sign_flipping_attackers_wreck_fedavg_and_robust_aggregators_hold(
     finals = f"fedavg {fedavg}, fedmedian {median}, krum {krum}"
     assert fedavg <= 0.3, finals  # chance is 0.1
     assert median >= fedavg + 0.4 and krum >= fedavg + 0.4, finals
+
+
+def test_a_multiplexed_run_serves_virtual_clients_and_resumes(
+        local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
+    """Ten virtual clients on the three SuperNodes: each round five train and three
+    evaluate, counted per client; a run resumed from its checkpoint goes on."""
+    settings = ("virtual-clients=10 fraction-train=0.5 fraction-evaluate=0.3 local-epochs=1 "
+                "min-available-nodes=3 strategy='scaffold' seed=1")
+    first = completed_run(local_simulation, tiny_dataset, tmp_path,
+                          f"num-server-rounds=2 {settings}", out="first")
+    entries = load_results(first)["entries"]
+    for entry in entries[1:]:
+        assert (entry["train_replies"], entry["train_failures"]) == (5, 0)
+        assert (entry["evaluate_replies"], entry["evaluate_failures"]) == (3, 0)
+        assert all(0 <= client < 10 for client in entry["train_nodes"])
+    resumed = completed_run(local_simulation, tiny_dataset, tmp_path,
+                            f"num-server-rounds=3 {settings} resume-from='{first}'",
+                            out="resumed")
+    rounds = [e["round"] for e in load_results(resumed)["entries"]]
+    assert rounds == [0, 1, 2, 3]
