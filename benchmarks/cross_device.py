@@ -9,7 +9,8 @@ lr 0.1 without momentum, server learning rate 1 (FedAvg), the tutorial CNN, no
 augmentation, no client-side evaluation. Parts, run one after another:
 
 * ``bare``: the same rounds with no federation at all, a plain PyTorch loop over
-  the cohort's 2,500 images: one process with 1 thread, with 2 threads, and two
+  the cohort's 2,500 images (no loader, no metrics: the compute limit): one
+  process with 1 thread, with 2 threads, and two
   processes of 1 thread each training half the cohort (the parent averages), as
   pfl-research runs with torchrun;
 * ``multiplexed``: fedcifar, ``virtual-clients=1000`` on as many SuperNodes as
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from common import PeakRss, add_data_arguments, data_config, flwr_run, load, machine, save
 
 from fedcifar_app import task
@@ -62,16 +64,25 @@ def _user_data(args: argparse.Namespace) -> list[task.ImageTensors]:
 
 def _train_users(global_state: dict, users: list[task.ImageTensors], server_round: int
                  ) -> tuple[dict[str, torch.Tensor], int]:
-    """Train each user from ``global_state``; return the example-weighted sum of their
-    models and the number of examples."""
+    """Train each user from ``global_state`` with a plain PyTorch loop (normalise once,
+    shuffle, batches of BATCH, cross-entropy, SGD); return the example-weighted sum of
+    their models and the number of examples."""
     net = task.Net()
+    mean = torch.tensor(task.CIFAR10_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(task.CIFAR10_STD).view(1, 3, 1, 1) * 255
     total: dict[str, torch.Tensor] = {}
     examples = 0
     for index, data in enumerate(users):
         net.load_state_dict(global_state)
-        generator = torch.Generator().manual_seed(server_round * 100_003 + index)
-        task.train(net, task.BatchLoader(data, BATCH, shuffle=True, generator=generator),
-                   1, LEARNING_RATE, 0.0)
+        optimizer = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE)
+        images = (data.images.float() - mean) / std
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(
+            server_round * 100_003 + index))
+        for start in range(0, len(data), BATCH):
+            batch = order[start:start + BATCH]
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(net(images[batch]), data.labels[batch]).backward()
+            optimizer.step()
         for name, tensor in net.state_dict().items():
             term = tensor * len(data)
             total[name] = total[name] + term if name in total else term

@@ -317,7 +317,8 @@ def _serve_virtual_clients(msg: Message, context: Context) -> Message:
     clients = [int(c) for c in bundle["partition-ids"]]
     each = bundle["reply"] == EACH
     training = msg.metadata.message_type == MessageType.TRAIN
-    received = msg.content["arrays"].to_torch_state_dict()
+    received = {name: tensor.to(device)
+                for name, tensor in msg.content["arrays"].to_torch_state_dict().items()}
     net = task.build_model(config.model).to(device)
     data = load_partitions(config.dataset, config.cache_root,
                            partition_scheme(config, config.virtual_clients), clients)
@@ -341,7 +342,8 @@ def _serve_virtual_clients(msg: Message, context: Context) -> Message:
             outcome["failed"].append(client)
             outcome["failure-reasons"].append(f"{type(err).__name__}: {err}")
             continue
-        weights = task.cpu_state_dict(net) if training else None
+        # The trained weights as they are (no copy): used before the next client loads.
+        weights = {k: v.detach() for k, v in net.state_dict().items()} if training else None
         problem = _client_problem(metrics, weights) if not each else None
         if problem is not None:
             log(WARNING, "virtual client %d: dropped its result: %s", client, problem)
@@ -352,7 +354,7 @@ def _serve_virtual_clients(msg: Message, context: Context) -> Message:
         outcome["served"].append(client)
         seconds += float(metrics.get("train-seconds", 0.0))
         if each:
-            content[f"arrays{SEPARATOR}{client}"] = ArrayRecord(weights)
+            content[f"arrays{SEPARATOR}{client}"] = ArrayRecord(task.cpu_state_dict(net))
             content[f"metrics{SEPARATOR}{client}"] = MetricRecord(metrics)
         else:
             mean.add(weights, metrics, None if control_delta is None else dict(
@@ -360,7 +362,7 @@ def _serve_virtual_clients(msg: Message, context: Context) -> Message:
     if mean.clients:
         content["metrics"] = MetricRecord(mean.metrics())
         if training:
-            content["arrays"] = ArrayRecord(mean.model())
+            content["arrays"] = ArrayRecord({k: v.cpu() for k, v in mean.model().items()})
         mean_control_delta = mean.per_client_mean()
         if mean_control_delta:
             content["control-delta"] = ArrayRecord(mean_control_delta)

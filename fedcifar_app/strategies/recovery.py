@@ -13,9 +13,9 @@ own sampling and aggregation:
 * a node that never replied gets an error reply of its own, so it counts as
   failed like any other;
 * replies are pulled often, not every 3 s as flwr 1.42's HTTP Grid does, so a
-  round ends soon after its last reply is there: the pause between pulls is 1/20
+  round ends soon after its last reply is there: the pause between pulls is 1/100
   of the time the phase has waited so far, from ``MIN_POLL_INTERVAL`` up to
-  ``poll_interval`` (a reply is picked up at most ~5 % late, a 0.3 s simulated
+  ``poll_interval`` (a reply is picked up at most ~1 % late, a 0.3 s simulated
   round is not rounded up to 0.25 s steps, and a long phase pulls 4 times a second).
 
 The failed replies stay in the list the strategy receives, which counts them;
@@ -36,7 +36,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 POLL_INTERVAL = 0.25
-MIN_POLL_INTERVAL = 0.002
+MIN_POLL_INTERVAL = 0.001
 # How often pending nodes are checked against the connected ones (one get_node_ids call).
 MEMBERSHIP_INTERVAL = 1.0
 
@@ -171,7 +171,7 @@ class RecoveringGrid(Grid):
                             "the node is no longer connected"), "disconnected")
             if pending:
                 time.sleep(min(self.poll_interval,
-                               max(MIN_POLL_INTERVAL, (time.monotonic() - started) / 20)))
+                               max(MIN_POLL_INTERVAL, (time.monotonic() - started) / 100)))
         if self.on_phase_end is not None:
             self.on_phase_end(report)
         return replies
