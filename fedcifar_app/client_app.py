@@ -312,6 +312,11 @@ def _serve_virtual_clients(msg: Message, context: Context) -> Message:
     """Multiplexed mode: train or evaluate, one after another, the virtual clients
     the message lists, and reply once for all (see strategies/multiplex.py). A client
     that fails is reported, not fatal to the others."""
+    if "data-path" in context.node_config:
+        raise NodeConfigError(
+            "multiplexed mode ('virtual-clients') needs nodes that hold the whole data set "
+            "and serve partitions of it (simulation); this node holds its own data-path: "
+            "run deployments with virtual-clients=0")
     config, device = _node_setup(context)
     bundle = msg.content[VIRTUAL_CLIENTS]
     clients = [int(c) for c in bundle["partition-ids"]]
@@ -320,14 +325,16 @@ def _serve_virtual_clients(msg: Message, context: Context) -> Message:
     received = {name: tensor.to(device)
                 for name, tensor in msg.content["arrays"].to_torch_state_dict().items()}
     net = task.build_model(config.model).to(device)
+    net.load_state_dict(received)  # checks the received keys and shapes once
     data = load_partitions(config.dataset, config.cache_root,
                            partition_scheme(config, config.virtual_clients), clients)
     mean, content = ClientMean(), RecordDict()
     outcome: dict[str, list] = {"served": [], "failed": [], "failure-reasons": [],
                                 "rejected": []}
     clipped, seconds = 0, 0.0
+    start = [received[name] for name in net.state_dict()]
     for client, (train_data, validation_data) in zip(clients, data, strict=True):
-        net.load_state_dict(received)
+        _reset(net, start)
         node_config = {**context.node_config, "partition-id": client,
                        "num-partitions": config.virtual_clients}
         try:
@@ -370,6 +377,14 @@ def _serve_virtual_clients(msg: Message, context: Context) -> Message:
                                              "train-seconds": seconds})
     content["worker"] = worker_identity()
     return Message(content=content, reply_to=msg)
+
+
+@torch.no_grad()
+def _reset(net: torch.nn.Module, start: list[torch.Tensor]) -> None:
+    """Load the received weights back into ``net`` (its state_dict order) for the next
+    client: a copy per tensor, without load_state_dict's checks (already made once)."""
+    for tensor, value in zip(net.state_dict().values(), start, strict=True):
+        tensor.copy_(value)
 
 
 def _client_evaluation(net: torch.nn.Module, data: ImageTensors

@@ -61,11 +61,14 @@ class RunRecorder:
         return time.monotonic() - self.started
 
     def record(self, index: int, state_dict: dict[str, torch.Tensor] | None = None,
-               timed: bool = True, **values: Any) -> dict[str, Any]:
+               timed: bool = True, save: bool = True, **values: Any) -> dict[str, Any]:
         """Add or update the entry of round/epoch ``index``; save the best model.
 
         ``elapsed_s`` becomes the time of this call, unless ``timed`` is False (values
-        that arrive after their round ended, which must not move its end)."""
+        that arrive after their round ended, which must not move its end). With
+        ``save`` False results.json is written by the next call that saves (or by
+        ``finish``): a round records several times, and rewriting a long run's whole
+        history each time cost a multiplexed round 10 % of its time."""
         entry = next((e for e in self.entries if e[self.unit] == index), None)
         if entry is None:
             entry = {self.unit: index}
@@ -79,7 +82,8 @@ class RunRecorder:
             self.best_accuracy, self.best_index = accuracy, index
             atomic_write(self.run_dir / BEST_MODEL_FILE,
                          lambda tmp: torch.save(state_dict, tmp))
-        self.write()
+        if save:
+            self.write()
         return entry
 
     def restore(self, entries: list[dict[str, Any]]) -> None:

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from fedcifar_app import client_app, task
+from fedcifar_app.client_app import NodeConfigError
 from fedcifar_app.config import RunConfig
 from fedcifar_app.results import RunRecorder, load_results
 from fedcifar_app.strategies import build_strategy, strategy_grid
 from fedcifar_app.strategies.multiplex import assign
-from fedcifar_app.virtual_clients import ClientMean, clip_update, non_finite
+from fedcifar_app.virtual_clients import VIRTUAL_CLIENTS, ClientMean, clip_update, non_finite
 
 CLIENTS = 6
 
@@ -195,3 +196,17 @@ def test_node_side_checks_match_the_servers() -> None:
     assert non_finite(weights) is None
     weights["b"][0] = float("nan")
     assert non_finite(weights) == "'b' holds NaN or Inf"
+
+
+def test_a_node_with_its_own_data_refuses_virtual_clients(
+        tmp_path: Path, tiny_dataset: Path, server_task_identity: None) -> None:
+    context = Context(run_id=1, node_id=3, node_config={"data-path": str(tiny_dataset)},
+                      state=RecordDict(), run_config={"dataset": str(tiny_dataset),
+                                                      "virtual-clients": 4})
+    bundle = Message(RecordDict({"arrays": ArrayRecord(task.Net().state_dict()),
+                                 "config": ConfigRecord({"server-round": 1}),
+                                 VIRTUAL_CLIENTS: ConfigRecord({"partition-ids": [0],
+                                                                "reply": "mean"})}),
+                     dst_node_id=3, message_type="train")
+    with pytest.raises(NodeConfigError, match="virtual-clients=0"):
+        client_app.app(bundle, context)

@@ -24,7 +24,8 @@ copying the strategy's loop:
 * every round's global model and round number go to ``checkpoint.pt``, from
   which ``resume-from`` continues;
 * per-round metrics, reply and failure counts, and where each update was trained
-  (the nodes' 'worker' record: host, Ray node) go to results.json.
+  (the nodes' 'worker' record: host, Ray node) go to results.json, written once per
+  round, with the server's evaluation that ends it (or when the run fails).
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ class SafeguardsMixin:
         if report.server_round is None:
             return
         phase = "train" if report.message_type == MessageType.TRAIN else "evaluate"
-        self.recorder.record(report.server_round, **{
+        self.recorder.record(report.server_round, save=False, **{
             f"{phase}_replacements": report.replacements,
             f"{phase}_timeouts": report.timeouts,
             f"{phase}_failed_nodes": [[node, why] for node, why in report.failures]})
@@ -294,7 +295,8 @@ class SafeguardsMixin:
                 reject(reply, f"metric names {sorted(metric_names(reply))} differ from the "
                               f"other replies' {sorted(common_names)}")
         # Counted per client: a multiplexed node's reply holds several (see multiplex).
-        self.recorder.record(server_round, train_replies=sum(len(served(r)) for r in usable),
+        self.recorder.record(server_round, save=False,
+                             train_replies=sum(len(served(r)) for r in usable),
                              train_failures=len(errors),
                              train_rejected=sum(len(served(r)) for r in rejected)
                              + rejected_on_nodes(replies),
@@ -308,7 +310,8 @@ class SafeguardsMixin:
         if self.update_norm_bound > 0:
             # Multiplexed nodes clip each client's update before averaging them.
             single = [r for r in usable if not is_node_mean(r)]
-            self.recorder.record(server_round, train_clipped=clipped_on_nodes(usable)
+            self.recorder.record(server_round, save=False,
+                                 train_clipped=clipped_on_nodes(usable)
                                  + bound_update_norms(single, self._global_arrays,
                                                       self.update_norm_bound))
         if self.strategy_name == "multikrum" and self.multikrum_keep == 0:
@@ -326,12 +329,12 @@ class SafeguardsMixin:
         client_train_seconds = sum(train_seconds(r) for r in usable)
         train_metrics = {k: v for k, v in (metrics or {}).items()
                          if not k.startswith(FOLDED_EVALUATION_PREFIX)}
-        self.recorder.record(server_round, train=train_metrics,
+        self.recorder.record(server_round, save=False, train=train_metrics,
                              samples_trained=self.samples_trained,
                              client_train_seconds=round(client_train_seconds, 3))
         if self.evaluate_in_train:
             # The nodes evaluated the model they received: the previous round's.
-            self.recorder.record(server_round - 1, timed=False,
+            self.recorder.record(server_round - 1, timed=False, save=False,
                                  evaluate=folded_evaluation(usable),
                                  evaluate_replies=sum(len(served(r)) for r in usable))
         self.save_checkpoint(server_round, arrays)
@@ -352,7 +355,7 @@ class SafeguardsMixin:
         metrics = super().aggregate_evaluate(server_round, usable)  # type: ignore[misc]
         if not usable:
             log(WARNING, "Round %d: no client evaluation succeeded", server_round)
-        self.recorder.record(server_round, evaluate=dict(metrics or {}),
+        self.recorder.record(server_round, save=False, evaluate=dict(metrics or {}),
                              evaluate_replies=sum(len(served(r)) for r in usable),
                              evaluate_failures=len(failures),
                              evaluate_rejected=sum(len(served(r)) for r in replies
