@@ -86,31 +86,43 @@ def round_entries(results: dict) -> list[dict]:
     return [e for e in results["entries"] if e["round"] > 0]
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedavgm", "scaffold"])
+@pytest.mark.parametrize("strategy,folded", [("fedavg", False), ("fedprox", False),
+                                              ("fedavgm", False), ("scaffold", False),
+                                              ("fedavg", True)])
 def test_a_multiplexed_round_gives_the_per_node_model(
-        strategy: str, tmp_path: Path, tiny_dataset: Path, server_task_identity: None) -> None:
+        strategy: str, folded: bool, tmp_path: Path, tiny_dataset: Path,
+        server_task_identity: None) -> None:
     """Six clients as six SuperNodes, or as six virtual clients on two: same draws,
     same training streams, same global model (and SCAFFOLD's controls follow their
-    clients across rounds on the nodes that keep them)."""
-    settings = {"strategy": strategy, "fedprox-mu": 0.1}
+    clients across rounds on the nodes that keep them); with evaluate-in-train, the
+    same evaluation folded into the training replies."""
+    settings = {"strategy": strategy, "fedprox-mu": 0.1, "evaluate-in-train": folded}
     per_node, per_node_results = run_rounds(tmp_path / "per-node", tiny_dataset, CLIENTS,
                                             **settings)
     multiplexed, multiplexed_results = run_rounds(
         tmp_path / "multiplexed", tiny_dataset, 2, **{"virtual-clients": CLIENTS}, **settings)
     assert_same_model(per_node, multiplexed)
-    for node_round, mux_round in zip(round_entries(per_node_results),
-                                     round_entries(multiplexed_results), strict=True):
+    for node_round, mux_round in zip(per_node_results["entries"],
+                                     multiplexed_results["entries"], strict=True):
+        # With evaluate-in-train the evaluation of round r's model comes with round r + 1.
+        if folded:
+            evaluated = 3 if node_round["round"] < 3 else None
+        else:
+            evaluated = 3 if node_round["round"] > 0 else None
+        assert node_round.get("evaluate_replies") == mux_round.get("evaluate_replies") \
+            == evaluated
+        for key in ("train", "evaluate"):
+            for name, value in node_round.get(key, {}).items():
+                if name == "train-seconds":  # a time, not a result
+                    continue
+                assert mux_round[key][name] == pytest.approx(value, rel=1e-5), (key, name)
+        if node_round["round"] == 0:
+            continue
         # The same partitions trained: per-node mode lists node IDs 100 + partition.
         assert sorted(n - 100 for n in node_round["train_nodes"]) == sorted(
             mux_round["train_nodes"])
         assert node_round["train_replies"] == mux_round["train_replies"] == 3
         assert node_round["samples_trained"] == mux_round["samples_trained"]
-        assert node_round["evaluate_replies"] == mux_round["evaluate_replies"] == 3
-        for key in ("train", "evaluate"):
-            for name, value in node_round[key].items():
-                if name == "train-seconds":  # a time, not a result
-                    continue
-                assert mux_round[key][name] == pytest.approx(value, rel=1e-5), (key, name)
 
 
 def test_robust_aggregators_get_every_update_and_agree_with_per_node_mode(
