@@ -103,6 +103,10 @@ class RunConfig:
         "after another and replying once per round; fraction-train and fraction-evaluate "
         "then sample virtual clients (0: per-node mode, one client per SuperNode).",
         _at_least(0))
+    serving_nodes: int = _setting(
+        0, "Multiplexed mode: SuperNodes that serve the virtual clients, the first ones in "
+        "partition order (0: as many as can train at once, the CPUs of the simulation's "
+        "Ray cluster; more nodes than that add messages, not speed).", _at_least(0))
     evaluate_every: int = _setting(
         1, "Server-side evaluation on the test split every this many rounds, and after "
         "the last round (1: every round).", _at_least(1))

@@ -61,7 +61,8 @@ def run_rounds(tmp_path: Path, tiny_dataset: Path, nodes: int, rounds: int = 3,
     """Run ``rounds`` rounds; return (final model, results.json)."""
     run_config = {"dataset": str(tiny_dataset), "cache-dir": str(tmp_path.parent / "cache"),
                   "fraction-train": 0.5, "fraction-evaluate": 0.5, "local-epochs": 1,
-                  "batch-size": 16, "min-available-nodes": 1, "seed": 5, **overrides}
+                  "batch-size": 16, "min-available-nodes": 1, "seed": 5, "serving-nodes": 2,
+                  **overrides}
     config = RunConfig.from_mapping(run_config)
     recorder = RunRecorder(tmp_path, kind="federated", unit="round",
                            run_config=config.to_dict())
@@ -166,7 +167,7 @@ def test_a_failing_client_costs_only_itself_and_a_failing_node_its_clients(
 def test_each_node_gets_one_message_per_phase(tmp_path: Path, tiny_dataset: Path,
                                               server_task_identity: None) -> None:
     run_config = {"dataset": str(tiny_dataset), "cache-dir": str(tmp_path / "cache"),
-                  "virtual-clients": CLIENTS, "fraction-train": 1.0,
+                  "virtual-clients": CLIENTS, "serving-nodes": 2, "fraction-train": 1.0,
                   "fraction-evaluate": 0.5, "min-available-nodes": 1}
     config = RunConfig.from_mapping(run_config)
     strategy = build_strategy(config, RunRecorder(tmp_path, kind="federated", unit="round",
@@ -180,6 +181,24 @@ def test_each_node_gets_one_message_per_phase(tmp_path: Path, tiny_dataset: Path
                      ("evaluate", 100), ("evaluate", 101)]
     evaluated = [list(m.content["virtual-clients"]["partition-ids"]) for m in grid.sent[-2:]]
     assert sum(len(clients) for clients in evaluated) == 3  # fraction-evaluate of 6
+
+
+def test_serving_nodes_limits_the_nodes_that_get_clients(
+        tmp_path: Path, tiny_dataset: Path, server_task_identity: None) -> None:
+    """Three SuperNodes connected, two serving: the third gets only the census query."""
+    run_config = {"dataset": str(tiny_dataset), "cache-dir": str(tmp_path / "cache"),
+                  "virtual-clients": CLIENTS, "serving-nodes": 2, "fraction-train": 1.0,
+                  "fraction-evaluate": 0.0, "min-available-nodes": 1}
+    config = RunConfig.from_mapping(run_config)
+    strategy = build_strategy(config, RunRecorder(tmp_path, kind="federated", unit="round",
+                                                  run_config=config.to_dict()))
+    grid = InProcessGrid(3, run_config)
+    strategy.meet_nodes(grid)
+    strategy.start(grid=strategy_grid(config, grid, strategy),
+                   initial_arrays=ArrayRecord(task.Net().state_dict()), num_rounds=1)
+    trained = {m.metadata.dst_node_id: list(m.content["virtual-clients"]["partition-ids"])
+               for m in grid.sent if m.metadata.message_type == "train"}
+    assert trained == {100: [0, 1, 2], 101: [3, 4, 5]}
 
 
 def test_shares_are_equal_or_sticky() -> None:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx,
@@ -86,8 +87,23 @@ def strategy_grid(config: RunConfig, grid: Grid, strategy: FedAvg) -> Grid:
     ``virtual-clients`` a MultiplexingGrid of that many clients over its nodes."""
     if not config.virtual_clients:
         return grid
-    return MultiplexingGrid(grid, config.virtual_clients, strategy.partitions,
+    serving = config.serving_nodes or concurrent_clients()
+    return MultiplexingGrid(grid, config.virtual_clients, strategy.partitions, serving,
                             # SCAFFOLD keeps each client's control variate on its node.
                             sticky=config.strategy == "scaffold",
                             # Robust aggregators need every update, not a mean.
                             each=config.strategy in ROBUST_STRATEGIES)
+
+
+def concurrent_clients() -> int:
+    """How many ClientApps can train at once, assuming one CPU each: the CPUs of the
+    Ray cluster this process drives (a simulation's ServerApp), else this machine's."""
+    try:
+        import ray
+    except ImportError:
+        ray = None
+    if ray is not None and ray.is_initialized():
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if cpus > 0:
+            return cpus
+    return os.cpu_count() or 1

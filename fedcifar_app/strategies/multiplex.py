@@ -93,13 +93,15 @@ class MultiplexingGrid(Grid):
     """The Grid a strategy sees in multiplexed mode; see the module docstring.
 
     ``grid`` is the Grid of the real SuperNodes (a RecoveringGrid, which resends a
-    failed node's bundle to another node); ``directory`` orders them."""
+    failed node's bundle to a node that has none); ``directory`` orders them, and the
+    first ``serving`` of them get the clients (the others stand by for replacements)."""
 
     def __init__(self, grid: Grid, num_clients: int, directory: PartitionDirectory,
-                 sticky: bool = False, each: bool = False) -> None:
+                 serving: int, sticky: bool = False, each: bool = False) -> None:
         self.grid = grid
         self.num_clients = num_clients
         self.directory = directory
+        self.serving = serving
         self.sticky = sticky
         self.each = each
 
@@ -108,8 +110,9 @@ class MultiplexingGrid(Grid):
         return list(range(self.num_clients))
 
     def serving_nodes(self) -> list[int]:
-        """The connected SuperNodes, in the order of the partitions they hold."""
-        return self.directory.ordered_connected(self.grid)
+        """The first ``serving`` connected SuperNodes, in the order of the partitions
+        they hold."""
+        return self.directory.ordered_connected(self.grid)[:self.serving]
 
     # The rest of Grid's interface is the real one's.
     def set_run(self, run_id):  # type: ignore[no-untyped-def]
