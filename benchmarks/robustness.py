@@ -10,7 +10,8 @@ partitions in every cell: they are drawn from the seed). Defences: FedAvg (none)
 FedMedian, FedTrimmedAvg (beta 0.2), MultiKrum and Bulyan (f = 4 assumed: the true
 number), and FedAvg with update-norm bounding (--norm-bound, default 0.5: an honest
 client's first-round update here has norm 0.36-0.43). Each cell is one run; the
-score is the final test accuracy (and the best). Runs go one at a time, are saved to
+score is the final test accuracy (and the best). ``--costs`` instead times each
+defence's aggregation of one round's 20 updates, in this process. Runs go one at a time, are saved to
 robustness.json under --out after each, and a cut-off run resumes from its
 checkpoint, so the script can be restarted across work periods.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from pathlib import Path
 
 from common import add_data_arguments, data_config, load, machine, run_resumable, save
@@ -57,6 +59,50 @@ def record(cell: dict, run_dir: Path, wall: float) -> None:
                 accuracy_by_round=[e.get("test_accuracy") for e in entries])
 
 
+def aggregation_seconds(defence: str, norm_bound: float, repeats: int = 5) -> float:
+    """Seconds one round's aggregation of CLIENTS tutorial-CNN updates takes with
+    ``defence`` (the safeguards' checks included), median of ``repeats``: the part of
+    a round's time that depends on the defence."""
+    import tempfile
+
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.common.config import parse_config_args
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedcifar_app import task
+    from fedcifar_app.config import RunConfig
+    from fedcifar_app.results import RunRecorder
+    from fedcifar_app.strategies import build_strategy
+
+    # Flower's runtime says who is running before a Message is built; here: a ServerApp.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    start = task.Net().state_dict()
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as folder:
+            config = RunConfig.from_mapping({**parse_config_args(
+                [DEFENCES[defence].format(bound=norm_bound)]), "min-available-nodes": 1})
+            strategy = build_strategy(config, RunRecorder(Path(folder), kind="federated",
+                                                          unit="round", run_config={}))
+            strategy._global_arrays = ArrayRecord(start)
+            replies = []
+            for node in range(CLIENTS):
+                trained = {k: v + 0.002 * torch.randn(v.shape, generator=generator)
+                           for k, v in start.items()}
+                instruction = Message(RecordDict({"config": ConfigRecord()}),
+                                      dst_node_id=node + 1, message_type="train")
+                replies.append(Message(RecordDict({
+                    "arrays": ArrayRecord(trained),
+                    "metrics": MetricRecord({"num-examples": 2500, "train-loss": 1.0})}),
+                    reply_to=instruction))
+            started = time.perf_counter()
+            strategy.aggregate_train(1, replies)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def table(report: dict, split: str) -> None:
     cells = report["cells"].get(split, {})
     defences = list(DEFENCES)
@@ -79,11 +125,20 @@ def main() -> None:
                         default=list(DEFENCES))
     parser.add_argument("--norm-bound", type=float, default=0.5,
                         help="update-norm-bound of the norm-bound defence (default 0.5)")
+    parser.add_argument("--costs", action="store_true",
+                        help="only measure each defence's aggregation time per round")
     args = parser.parse_args()
     out = args.out.resolve()
     report_path = out / "robustness.json"
     report = load(report_path) or {"machine": machine(), "common": COMMON,
                                    "rounds": args.rounds, "cells": {}}
+    if args.costs:  # a file of its own: the cells' runs may be writing the report
+        costs = {"machine": machine(), "clients": CLIENTS, "aggregation_seconds": {
+            d: aggregation_seconds(d, args.norm_bound) for d in args.defences}}
+        save(out / "robustness_costs.json", costs)
+        for defence, seconds in costs["aggregation_seconds"].items():
+            print(f"{defence:<14} {1000 * seconds:8.1f} ms per round")
+        return
     for split in args.splits:
         for attack in args.attacks:
             for defence in args.defences:

@@ -141,6 +141,10 @@ def test_robustness(local_simulation: dict[str, str], tiny_dataset: Path,
     benchmark("figures", local_simulation, "--results", str(tmp_path / "results"),
               "--out", str(figures))
     assert (figures / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+    benchmark("robustness", dict(os.environ), *args, "--costs")
+    costs = json.loads((tmp_path / "results" / "robustness_costs.json").read_text())
+    assert set(costs["aggregation_seconds"]) == {"fedavg", "bulyan"}
+    assert all(seconds > 0 for seconds in costs["aggregation_seconds"].values())
 
 
 def test_a_cut_off_run_resumes_unless_it_cannot(tmp_path: Path, monkeypatch) -> None:
