@@ -95,13 +95,14 @@ def run_resumable(run_config: str, run_root: Path, label: str,
     that was cut off (a checkpoint, no "completed" status) resumes from its last round
     with ``resume-from``, so a benchmark can be restarted across work periods, unless
     ``resumable`` is False (state beyond the checkpoint, e.g. SCAFFOLD's controls,
-    would restart at zero): then it starts over."""
+    would restart at zero) or the checkpoint is of the last round: then it starts
+    over."""
     checkpoints = sorted(run_root.glob("flwr-run-*/checkpoint.pt"),
                          key=lambda p: p.stat().st_mtime)
     if checkpoints and load(checkpoints[-1].parent / "results.json").get(
             "status") == "completed":
         return checkpoints[-1].parent, 0.0
-    if checkpoints and resumable:
+    if checkpoints and resumable and not _at_last_round(checkpoints[-1], run_config):
         run_config += f" resume-from='{checkpoints[-1].parent}'"
         print(f"{label}: resuming from {checkpoints[-1].parent}", flush=True)
     else:
@@ -109,6 +110,17 @@ def run_resumable(run_config: str, run_root: Path, label: str,
               flush=True)
     wall, run_dir, _ = flwr_run(run_config, federation_config, timeout=timeout)
     return run_dir, wall
+
+
+def _at_last_round(checkpoint: Path, run_config: str) -> bool:
+    """Whether ``checkpoint`` holds the run's last round (cut off while finishing:
+    there is nothing left to resume, so it starts over)."""
+    from flwr.common.config import parse_config_args
+
+    from fedcifar_app.strategies import load_checkpoint
+
+    rounds = parse_config_args([run_config]).get("num-server-rounds")
+    return rounds is not None and load_checkpoint(str(checkpoint)).round >= int(rounds)
 
 
 def add_data_arguments(parser) -> None:

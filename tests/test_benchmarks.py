@@ -162,9 +162,16 @@ def test_a_cut_off_run_resumes_unless_it_cannot(tmp_path: Path, monkeypatch) -> 
     assert calls[-1] == f"seed=1 resume-from='{cut}'"
     common.run_resumable("seed=1", tmp_path, "row", resumable=False)  # e.g. SCAFFOLD
     assert calls[-1] == "seed=1"
+    # Cut off after its last round was checkpointed: nothing to resume, it starts over.
+    import torch
+    torch.save({"round": 3, "model": {}, "samples_trained": 0}, cut / "checkpoint.pt")
+    common.run_resumable("num-server-rounds=3", tmp_path, "row")
+    assert calls[-1] == "num-server-rounds=3"
+    common.run_resumable("num-server-rounds=4", tmp_path, "row")
+    assert calls[-1] == f"num-server-rounds=4 resume-from='{cut}'"
     (cut / "results.json").write_text('{"status": "completed"}')
     assert common.run_resumable("seed=1", tmp_path, "row") == (cut, 0.0)
-    assert len(calls) == 2
+    assert len(calls) == 4
 
 
 def test_cross_device(local_simulation: dict[str, str], tiny_dataset: Path,
