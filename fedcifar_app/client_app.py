@@ -328,10 +328,7 @@ def _serve_virtual_clients(msg: Message, context: Context) -> Message:
     net.load_state_dict(received)  # checks the received keys and shapes once
     data = load_partitions(config.dataset, config.cache_root,
                            partition_scheme(config, config.virtual_clients), clients)
-    mean, content = ClientMean(), RecordDict()
-    outcome: dict[str, list] = {"served": [], "failed": [], "failure-reasons": [],
-                                "rejected": []}
-    clipped, seconds = 0, 0.0
+    results = _ServedClients(each, [name for name, _ in net.named_parameters()])
     start = [received[name] for name in net.state_dict()]
     for client, (train_data, validation_data) in zip(clients, data, strict=True):
         _reset(net, start)
@@ -345,38 +342,71 @@ def _serve_virtual_clients(msg: Message, context: Context) -> Message:
             else:
                 metrics, control_delta = _client_evaluation(net, validation_data.to(device))
         except Exception as err:  # noqa: BLE001 - one client's failure is reported
-            log(WARNING, "virtual client %d failed: %s: %s", client, type(err).__name__, err)
-            outcome["failed"].append(client)
-            outcome["failure-reasons"].append(f"{type(err).__name__}: {err}")
+            results.failed(client, err)
             continue
         # The trained weights as they are (no copy): used before the next client loads.
         weights = {k: v.detach() for k, v in net.state_dict().items()} if training else None
-        problem = _client_problem(metrics, weights) if not each else None
+        problem = None if each else _client_problem(metrics, weights)
         if problem is not None:
-            log(WARNING, "virtual client %d: dropped its result: %s", client, problem)
-            outcome["rejected"].append(client)
+            results.rejected(client, problem)
             continue
-        if weights is not None and not each and config.update_norm_bound > 0:
-            clipped += clip_update(weights, received, config.update_norm_bound)
-        outcome["served"].append(client)
-        seconds += float(metrics.get("train-seconds", 0.0))
-        if each:
-            content[f"arrays{SEPARATOR}{client}"] = ArrayRecord(task.cpu_state_dict(net))
-            content[f"metrics{SEPARATOR}{client}"] = MetricRecord(metrics)
-        else:
-            mean.add(weights, metrics, None if control_delta is None else dict(
-                zip((name for name, _ in net.named_parameters()), control_delta)))
-    if mean.clients:
-        content["metrics"] = MetricRecord(mean.metrics())
-        if training:
-            content["arrays"] = ArrayRecord({k: v.cpu() for k, v in mean.model().items()})
-        mean_control_delta = mean.per_client_mean()
-        if mean_control_delta:
-            content["control-delta"] = ArrayRecord(mean_control_delta)
-    content[VIRTUAL_CLIENTS] = ConfigRecord({**outcome, "clipped": clipped,
-                                             "train-seconds": seconds})
+        clipped = (weights is not None and not each and config.update_norm_bound > 0
+                   and clip_update(weights, received, config.update_norm_bound))
+        results.served(client, metrics, weights, control_delta, clipped)
+    content = results.content()
     content["worker"] = worker_identity()
     return Message(content=content, reply_to=msg)
+
+
+class _ServedClients:
+    """One multiplexed reply in the making: what became of each client, and their
+    mean result (or, with ``each``, every client's result)."""
+
+    def __init__(self, each: bool, parameter_names: list[str]) -> None:
+        self.each = each
+        self.parameter_names = parameter_names
+        self.mean = ClientMean()
+        self.records = RecordDict()
+        self.outcome: dict[str, list] = {"served": [], "failed": [], "failure-reasons": [],
+                                         "rejected": []}
+        self.clipped = 0
+        self.train_seconds = 0.0
+
+    def failed(self, client: int, err: Exception) -> None:
+        log(WARNING, "virtual client %d failed: %s: %s", client, type(err).__name__, err)
+        self.outcome["failed"].append(client)
+        self.outcome["failure-reasons"].append(f"{type(err).__name__}: {err}")
+
+    def rejected(self, client: int, problem: str) -> None:
+        log(WARNING, "virtual client %d: dropped its result: %s", client, problem)
+        self.outcome["rejected"].append(client)
+
+    def served(self, client: int, metrics: dict[str, float],
+               weights: dict[str, torch.Tensor] | None,
+               control_delta: list[torch.Tensor] | None, clipped: bool) -> None:
+        self.outcome["served"].append(client)
+        self.clipped += int(clipped)
+        self.train_seconds += float(metrics.get("train-seconds", 0.0))
+        if self.each:
+            self.records[f"arrays{SEPARATOR}{client}"] = ArrayRecord(
+                {k: v.cpu() for k, v in weights.items()})
+            self.records[f"metrics{SEPARATOR}{client}"] = MetricRecord(metrics)
+        else:
+            self.mean.add(weights, metrics, None if control_delta is None
+                          else dict(zip(self.parameter_names, control_delta, strict=True)))
+
+    def content(self) -> RecordDict:
+        if self.mean.clients:
+            self.records["metrics"] = MetricRecord(self.mean.metrics())
+            model = self.mean.model()
+            if model:
+                self.records["arrays"] = ArrayRecord({k: v.cpu() for k, v in model.items()})
+            control_delta = self.mean.per_client_mean()
+            if control_delta:
+                self.records["control-delta"] = ArrayRecord(control_delta)
+        self.records[VIRTUAL_CLIENTS] = ConfigRecord({
+            **self.outcome, "clipped": self.clipped, "train-seconds": self.train_seconds})
+        return self.records
 
 
 @torch.no_grad()
