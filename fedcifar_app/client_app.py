@@ -23,8 +23,8 @@ from fedcifar_app import task
 from fedcifar_app.config import RunConfig, device_problem
 from fedcifar_app.data import PartitionScheme, load_node_data, load_partition, load_partitions
 from fedcifar_app.task import BatchLoader, ImageTensors
-from fedcifar_app.virtual_clients import (EACH, SEPARATOR, VIRTUAL_CLIENTS, ClientMean,
-                                          clip_update, non_finite)
+from fedcifar_app.virtual_clients import (DP_WEIGHT, EACH, SEPARATOR, VIRTUAL_CLIENTS,
+                                          ClientMean, clip_update, non_finite)
 
 app = ClientApp()
 
@@ -146,8 +146,13 @@ def train(msg: Message, context: Context) -> Message:
         return _serve_virtual_clients(msg, context)
     config, device, train_data, validation_data = _setup(context)
     net = _received_model(msg, config, device)
+    received = task.cpu_state_dict(net) if config.dp == "client" else {}
     metrics, control_delta = _train_client(net, config, msg, context, context.node_config,
                                            train_data, validation_data)
+    if received:  # dp='client': the update leaves the node clipped
+        weights = task.cpu_state_dict(net)
+        clip_update(weights, received, config.dp_clipping_norm)
+        net.load_state_dict(weights)
     reply = _reply(msg, metrics, net)
     reply.content["worker"] = worker_identity()
     if control_delta is not None:
@@ -177,6 +182,8 @@ def _train_client(net: torch.nn.Module, config: RunConfig, msg: Message, context
     metrics = {"train-loss": train_loss, "num-examples": len(train_data),
                "train-seconds": time.perf_counter() - started,
                **{f"eval-{name}": value for name, value in evaluation.items()}}
+    if config.dp != "none":
+        metrics[DP_WEIGHT] = 1  # DP-FedAvg weighs every client the same
     if attack is not None and not attack.poisons_data:
         _poison(net, attack, received, config, msg, node_config, node, train_data)
     if scaffold is None:
@@ -328,7 +335,10 @@ def _serve_virtual_clients(msg: Message, context: Context) -> Message:
     net.load_state_dict(received)  # checks the received keys and shapes once
     data = load_partitions(config.dataset, config.cache_root,
                            partition_scheme(config, config.virtual_clients), clients)
-    results = _ServedClients(each, [name for name, _ in net.named_parameters()])
+    results = _ServedClients(each, [name for name, _ in net.named_parameters()],
+                             DP_WEIGHT if config.dp != "none" else "num-examples")
+    # With DP the node clips each client's update: the server sees only their mean.
+    bound = config.dp_clipping_norm if config.dp != "none" else config.update_norm_bound
     start = [received[name] for name in net.state_dict()]
     for client, (train_data, validation_data) in zip(clients, data, strict=True):
         _reset(net, start)
@@ -340,7 +350,8 @@ def _serve_virtual_clients(msg: Message, context: Context) -> Message:
                     net, config, msg, context, node_config, train_data.to(device),
                     validation_data.to(device), control_key=f"client-control/{client}")
             else:
-                metrics, control_delta = _client_evaluation(net, validation_data.to(device))
+                metrics, control_delta = _client_evaluation(net, validation_data.to(device),
+                                                            config)
         except Exception as err:  # noqa: BLE001 - one client's failure is reported
             results.failed(client, err)
             continue
@@ -350,8 +361,8 @@ def _serve_virtual_clients(msg: Message, context: Context) -> Message:
         if problem is not None:
             results.rejected(client, problem)
             continue
-        clipped = (weights is not None and not each and config.update_norm_bound > 0
-                   and clip_update(weights, received, config.update_norm_bound))
+        clipped = (weights is not None and not each and bound > 0
+                   and clip_update(weights, received, bound))
         results.served(client, metrics, weights, control_delta, clipped)
     content = results.content()
     content["worker"] = worker_identity()
@@ -362,10 +373,10 @@ class _ServedClients:
     """One multiplexed reply in the making: what became of each client, and their
     mean result (or, with ``each``, every client's result)."""
 
-    def __init__(self, each: bool, parameter_names: list[str]) -> None:
+    def __init__(self, each: bool, parameter_names: list[str], weight_key: str) -> None:
         self.each = each
         self.parameter_names = parameter_names
-        self.mean = ClientMean()
+        self.mean = ClientMean(weight_key)
         self.records = RecordDict()
         self.outcome: dict[str, list] = {"served": [], "failed": [], "failure-reasons": [],
                                          "rejected": []}
@@ -417,11 +428,14 @@ def _reset(net: torch.nn.Module, start: list[torch.Tensor]) -> None:
         tensor.copy_(value)
 
 
-def _client_evaluation(net: torch.nn.Module, data: ImageTensors
+def _client_evaluation(net: torch.nn.Module, data: ImageTensors, config: RunConfig
                        ) -> tuple[dict[str, float], None]:
     evaluation = _evaluation(net, data)
-    return {"eval-loss": evaluation["loss"], "eval-accuracy": evaluation["accuracy"],
-            "num-examples": evaluation["num-examples"]}, None
+    metrics = {"eval-loss": evaluation["loss"], "eval-accuracy": evaluation["accuracy"],
+               "num-examples": evaluation["num-examples"]}
+    if config.dp != "none":  # the strategy averages every reply by this weight
+        metrics[DP_WEIGHT] = 1
+    return metrics, None
 
 
 def _client_problem(metrics: dict[str, float],
@@ -452,7 +466,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     if VIRTUAL_CLIENTS in msg.content.config_records:
         return _serve_virtual_clients(msg, context)
     config, device, _, validation_data = _setup(context)
-    metrics, _ = _client_evaluation(_received_model(msg, config, device), validation_data)
+    metrics, _ = _client_evaluation(_received_model(msg, config, device), validation_data,
+                                    config)
     return _reply(msg, metrics)
 
 

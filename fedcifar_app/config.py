@@ -22,6 +22,9 @@ ATTACKS = ("none", "label-flip", "sign-flip", "scale", "gaussian", "little-is-en
 # The Byzantine-robust aggregators, which assume up to num-malicious-nodes attackers.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
+DP_MODES = ("none", "server", "client")
+# DP-FedAvg's noise and accounting assume the server releases the plain average.
+DP_STRATEGIES = ("fedavg", "fedprox")
 
 
 class ConfigError(ValueError):
@@ -148,6 +151,21 @@ class RunConfig:
     update_norm_bound: float = _setting(
         0.0, "Clip each training update (its difference from the global model) to this L2 "
         "norm before aggregating, with any strategy; no noise (0: off).", _at_least(0))
+    dp: str = _setting(
+        "none", "User-level differential privacy (DP-FedAvg with Poisson sampling and RDP "
+        "accounting, see README): 'server' clips each update on the server, 'client' on "
+        "the client; none: off.", _one_of(DP_MODES))
+    dp_noise_multiplier: float = _setting(
+        1.0, "DP: Gaussian noise standard deviation over the clipping norm (z).",
+        _at_least(0))
+    dp_clipping_norm: float = _setting(
+        1.0, "DP: L2 norm each client update is clipped to (C).", _positive)
+    dp_delta: float = _setting(
+        1e-5, "DP: the delta epsilon is reported at; keep it below 1 / number of clients.",
+        lambda v: None if 0 < v < 1 else "must be in (0, 1)")
+    dp_max_epsilon: float = _setting(
+        0.0, "DP: the run ends cleanly before a round that would take epsilon past this "
+        "(0: no cap).", _at_least(0))
     attack: str = _setting(
         "none", "Simulated attack of the malicious nodes: " + ", ".join(ATTACKS) + " (see "
         "fedcifar_app/attacks.py).", _one_of(ATTACKS))
@@ -234,10 +252,26 @@ class RunConfig:
         if self.validation_fraction == 0 and self.evaluate_in_train:
             problems.append("'evaluate-in-train' needs validation data: 'validation-fraction' "
                             "must be > 0")
+        if self.dp != "none":
+            problems += self._dp_inconsistencies()
         if self.virtual_clients and self.min_available_nodes > self.virtual_clients:
             problems.append(f"'min-available-nodes' ({self.min_available_nodes}) counts "
                             "SuperNodes and cannot exceed 'virtual-clients' "
                             f"({self.virtual_clients})")
+        return problems
+
+    def _dp_inconsistencies(self) -> list[str]:
+        problems = []
+        if self.strategy not in DP_STRATEGIES:
+            problems.append(f"'dp' needs 'strategy' {' or '.join(DP_STRATEGIES)} (the noise "
+                            "and the accounting assume the server releases the average "
+                            f"of the clipped updates), got {self.strategy!r}")
+        if self.dp_max_epsilon > 0 and self.dp_noise_multiplier == 0:
+            problems.append("'dp-max-epsilon' with 'dp-noise-multiplier' 0: without noise "
+                            "epsilon is infinite from the first round")
+        if self.update_norm_bound > 0:
+            problems.append("'dp' clips updates to 'dp-clipping-norm'; set "
+                            "'update-norm-bound' to 0")
         return problems
 
     def is_evaluation_round(self, run_round: int) -> bool:

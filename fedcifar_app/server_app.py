@@ -16,8 +16,8 @@ from fedcifar_app import task
 from fedcifar_app.config import ConfigError, RunConfig
 from fedcifar_app.data import load_split
 from fedcifar_app.results import RunRecorder, load_results
-from fedcifar_app.strategies import (Checkpoint, RecoveringGrid, build_strategy,
-                                     load_checkpoint, strategy_grid)
+from fedcifar_app.strategies import (Checkpoint, PrivacyBudgetSpent, RecoveringGrid,
+                                     build_strategy, load_checkpoint, strategy_grid)
 from fedcifar_app.task import BatchLoader
 
 app = ServerApp()
@@ -101,17 +101,21 @@ def main(grid: Grid, context: Context) -> None:
                                      rng=random.Random(config.seed))
     try:
         strategy.meet_nodes(recovering_grid)
-        result = strategy.start(
+        final = strategy.start(
             grid=strategy_grid(config, recovering_grid, strategy),
             initial_arrays=ArrayRecord(task.cpu_state_dict(net)),
             num_rounds=config.num_server_rounds - strategy.round_offset,
             timeout=config.round_timeout,
             evaluate_fn=evaluate_global_model,
-        )
+        ).arrays
+    except PrivacyBudgetSpent as spent:  # a clean end: the model of the last round run
+        log(INFO, "[fedcifar] privacy budget: %s", spent)
+        recorder.extra["stopped"] = str(spent)
+        final = strategy.latest_arrays()
     except Exception:
         recorder.finish(None, status="failed")
         raise
-    net.load_state_dict(result.arrays.to_torch_state_dict())
+    net.load_state_dict(final.to_torch_state_dict())
     recorder.finish(task.cpu_state_dict(net))
     log(INFO, "[fedcifar] best test accuracy %.4f (round %s)", recorder.best_accuracy,
         recorder.best_index)

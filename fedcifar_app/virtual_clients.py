@@ -24,8 +24,11 @@ VIRTUAL_CLIENTS = "virtual-clients"
 # (for aggregators that need every update), in records named "<record>/<client>".
 MEAN, EACH = "mean", "each"
 SEPARATOR = "/"
+# With DP every client weighs 1 in the average (DP-FedAvg): this metric, which a
+# multiplexed node's reply sums over its clients.
+DP_WEIGHT = "dp-weight"
 # Metrics that are counts: summed over the clients, not averaged.
-COUNTS = ("num-examples", "eval-num-examples")
+COUNTS = ("num-examples", "eval-num-examples", DP_WEIGHT)
 # Metrics named eval-* from evaluate-in-train are weighted by this count, as the server
 # weights them (see strategies/safeguards.py); all others by num-examples.
 EVAL_PREFIX, EVAL_WEIGHT = "eval-", "eval-num-examples"
@@ -61,11 +64,13 @@ def clip_update(weights: StateDict, start: StateDict, bound: float) -> bool:
 
 
 class ClientMean:
-    """Running weighted mean of client models (weight: num-examples) and of their
-    metrics, plus the plain mean of per-client tensors such as SCAFFOLD's control
-    deltas (the server averages those per client, unweighted)."""
+    """Running weighted mean of client models (weight: the metric ``weight_key``,
+    num-examples unless DP) and of their metrics, plus the plain mean of per-client
+    tensors such as SCAFFOLD's control deltas (the server averages those per client,
+    unweighted)."""
 
-    def __init__(self) -> None:
+    def __init__(self, weight_key: str = "num-examples") -> None:
+        self.weight_key = weight_key
         self.clients = 0
         self.total_weight = 0.0
         self._weighted_sum: StateDict = {}
@@ -75,7 +80,7 @@ class ClientMean:
 
     def add(self, weights: StateDict | None, metrics: dict[str, float],
             per_client: StateDict | None = None) -> None:
-        weight = float(metrics["num-examples"])
+        weight = float(metrics[self.weight_key])
         self.clients += 1
         self.total_weight += weight
         self._metrics.append(metrics)
@@ -99,7 +104,7 @@ class ClientMean:
                 merged[name] = sum(m[name] for m in self._metrics)
                 continue
             weight_key = (EVAL_WEIGHT if name.startswith(EVAL_PREFIX)
-                          and EVAL_WEIGHT in self._metrics[0] else "num-examples")
+                          and EVAL_WEIGHT in self._metrics[0] else self.weight_key)
             total = sum(float(m[weight_key]) for m in self._metrics)
             merged[name] = sum(float(m[name]) * float(m[weight_key])
                                for m in self._metrics) / total if total else 0.0

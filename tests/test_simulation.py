@@ -157,3 +157,28 @@ def test_a_multiplexed_run_serves_virtual_clients_and_resumes(
                             out="resumed")
     rounds = [e["round"] for e in load_results(resumed)["entries"]]
     assert rounds == [0, 1, 2, 3]
+
+
+def test_a_private_run_reports_epsilon_and_stops_at_its_budget(
+        local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
+    """DP with a cap between the epsilon of two and of three rounds: rounds 1 and 2
+    run and record their epsilon, round 3 does not; the run ends completed, with its
+    final model (round 2's) written."""
+    from fedcifar_app.strategies.privacy import PrivacyLedger
+
+    probe = PrivacyLedger(noise_multiplier=1.0, sampling_rate=0.67, delta=1e-3)
+    cap = (probe.epsilon(2) + probe.epsilon(3)) / 2
+    run_dir = completed_run(
+        local_simulation, tiny_dataset, tmp_path,
+        f"num-server-rounds=5 dp='server' dp-noise-multiplier=1.0 dp-clipping-norm=0.5 "
+        f"dp-delta=0.001 dp-max-epsilon={cap} fraction-train=0.67 min-available-nodes=3 "
+        "local-epochs=1")
+    results = load_results(run_dir)
+    assert results["status"] == "completed"
+    assert "round 3 would take epsilon" in results["stopped"]
+    entries = results["entries"]
+    assert [e["round"] for e in entries] == [0, 1, 2]
+    assert [e["dp_epsilon"] for e in entries[1:]] == pytest.approx(
+        [probe.epsilon(1), probe.epsilon(2)])
+    assert results["privacy"]["clipping"] == "server"
+    assert (run_dir / FINAL_MODEL_FILE).exists()

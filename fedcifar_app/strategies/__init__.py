@@ -8,7 +8,8 @@
 * ``robust``: checks for Flower's Byzantine-robust aggregators, and update-norm
   bounding for every strategy;
 * ``multiplex``: ``MultiplexingGrid``, many virtual clients per SuperNode
-  (``virtual-clients``).
+  (``virtual-clients``);
+* ``privacy``: user-level differential privacy (DP-FedAvg) and its accounting.
 """
 
 from __future__ import annotations
@@ -22,16 +23,18 @@ from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedAvgM, FedMedian
 from flwr.serverapp import Grid
 
 from fedcifar_app.config import ROBUST_STRATEGIES, RunConfig
+from fedcifar_app.virtual_clients import DP_WEIGHT
 from fedcifar_app.results import RunRecorder
 from fedcifar_app.strategies.safeguards import (CHECKPOINT_FILE, Checkpoint, RunFailedError,
                                                 SafeguardsMixin, load_checkpoint)
 from fedcifar_app.strategies.multiplex import MultiplexingGrid
+from fedcifar_app.strategies.privacy import ACCOUNTING, PrivacyBudgetSpent, PrivacyLedger
 from fedcifar_app.strategies.recovery import RecoveringGrid
 from fedcifar_app.strategies.sampling import PartitionDirectory
 from fedcifar_app.strategies.scaffold import Scaffold
 
-__all__ = ["CHECKPOINT_FILE", "Checkpoint", "RecoveringGrid", "RunFailedError",
-           "build_strategy", "load_checkpoint", "strategy_grid"]
+__all__ = ["CHECKPOINT_FILE", "Checkpoint", "PrivacyBudgetSpent", "RecoveringGrid",
+           "RunFailedError", "build_strategy", "load_checkpoint", "strategy_grid"]
 
 STRATEGY_CLASSES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM,
                     "fedadam": FedAdam, "scaffold": Scaffold, "fedmedian": FedMedian,
@@ -57,6 +60,8 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
                       "num_nodes_to_select": max(config.multikrum_keep, 1)},
         "bulyan": {"num_malicious_nodes": config.num_malicious_nodes},
     }[config.strategy]
+    if config.dp != "none":  # DP-FedAvg averages clients unweighted (see privacy)
+        specific["weighted_by_key"] = DP_WEIGHT
     strategy_class = type(f"Safe{base.__name__}", (SafeguardsMixin, base), {})
     strategy = strategy_class(
         fraction_train=config.fraction_train,
@@ -67,6 +72,20 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
         min_available_nodes=config.min_available_nodes,
         **specific,
     )
+    if config.dp != "none":
+        strategy.ledger = PrivacyLedger(config.dp_noise_multiplier, config.fraction_train,
+                                        config.dp_delta, config.dp_max_epsilon)
+        strategy.dp_clipping_norm = config.dp_clipping_norm
+        if config.dp == "server":
+            strategy.dp_server_clipping_norm = config.dp_clipping_norm
+        else:
+            strategy.dp_client_clipping_norm = config.dp_clipping_norm
+        recorder.extra["privacy"] = {
+            "accounting": ACCOUNTING, "clipping": config.dp,
+            "noise_multiplier": config.dp_noise_multiplier,
+            "clipping_norm": config.dp_clipping_norm,
+            "sampling_rate": config.fraction_train, "delta": config.dp_delta,
+            "max_epsilon": config.dp_max_epsilon}
     strategy.recorder = recorder
     strategy.local_epochs = config.local_epochs
     strategy.node_wait_timeout = config.node_wait_timeout

@@ -40,6 +40,12 @@ def sample_size_problem(strategy: str, num_malicious: int, sampled: int) -> str 
             "nodes or lower num-malicious-nodes")
 
 
+def update_norm(arrays: ArrayRecord, global_arrays: ArrayRecord) -> float:
+    """L2 norm of ``arrays`` minus the global model, over all of its arrays."""
+    return float(get_norm([arrays[k].numpy() - v for k, v in zip(
+        global_arrays, global_arrays.to_numpy_ndarrays(), strict=True)]))
+
+
 def bound_update_norms(replies: list[Message], global_arrays: ArrayRecord,
                        bound: float) -> int:
     """Clip each reply's update to L2 norm ``bound`` in place; return how many were

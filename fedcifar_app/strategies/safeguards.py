@@ -42,13 +42,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
+from flwr.supercore.differential_privacy import compute_stdv
 
 from fedcifar_app.results import RunRecorder, atomic_write
 from fedcifar_app.strategies.multiplex import (MultiplexingGrid, clipped_on_nodes,
                                                is_node_mean, rejected_on_nodes, served,
                                                train_seconds)
 from fedcifar_app.strategies.recovery import PhaseReport
-from fedcifar_app.strategies.robust import bound_update_norms, sample_size_problem
+from fedcifar_app.strategies.privacy import PrivacyLedger, noised_update, poisson_cohort
+from fedcifar_app.strategies.robust import (bound_update_norms, sample_size_problem,
+                                            update_norm)
 from fedcifar_app.strategies.sampling import NodeList, PartitionDirectory, seed_draw
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -189,12 +192,19 @@ class SafeguardsMixin:
     update_norm_bound: float = 0.0
     seed: int = 0
     partitions: PartitionDirectory
+    ledger: PrivacyLedger | None = None  # DP (see privacy), else None
+    dp_clipping_norm: float = 0.0
+    dp_server_clipping_norm: float = 0.0  # dp='server': the server clips to this
+    dp_client_clipping_norm: float = 0.0  # dp='client': the server checks this bound
+    _expected_cohort: float = 0.0
     _global_arrays: ArrayRecord
 
     def resume_from(self, checkpoint: Checkpoint) -> None:
         """Number rounds and count samples on from where ``checkpoint`` stopped."""
         self.round_offset = checkpoint.round
         self.samples_trained = checkpoint.samples_trained
+        if self.ledger is not None:  # the earlier rounds spent privacy too (same settings)
+            self.ledger.rounds = checkpoint.round
 
     def wait_for_nodes(self, grid: Grid) -> None:
         """Return once min-available-nodes are connected; fail after the timeout."""
@@ -238,8 +248,36 @@ class SafeguardsMixin:
                         grid: Grid) -> Iterable[Message]:
         self._global_arrays = arrays
         run_round = server_round + self.round_offset
-        return super().configure_train(  # type: ignore[misc]
-            run_round, arrays, config, self.seeded_nodes(grid, run_round, "train"))
+        nodes = self.seeded_nodes(grid, run_round, "train")
+        if self.ledger is None:
+            return super().configure_train(  # type: ignore[misc]
+                run_round, arrays, config, nodes)
+        return self._configure_private_round(run_round, arrays, config, nodes)
+
+    def _configure_private_round(self, run_round: int, arrays: ArrayRecord,
+                                 config: ConfigRecord, nodes: NodeList) -> list[Message]:
+        """DP: stop before a round past the budget; sample a Poisson cohort and hand
+        Flower's configure_train exactly those nodes."""
+        ledger = self.ledger
+        population = len(nodes.node_ids)
+        if ledger.delta >= 1 / population:
+            raise RunFailedError(
+                f"'dp-delta' {ledger.delta:g} is not below 1 / {population} clients: such "
+                "a delta allows releasing a client's data outright; lower dp-delta")
+        ledger.check_next(run_round)
+        self._expected_cohort = ledger.sampling_rate * population
+        cohort = poisson_cohort(nodes.node_ids, ledger.sampling_rate, self.seed, run_round)
+        if not cohort:  # the round still releases (noise only)
+            return []
+        # Flower samples int(n * fraction-train) of the nodes it is given once
+        # min-available-nodes of them are there: here, all of the cohort at once.
+        saved = self.fraction_train, self.min_available_nodes  # type: ignore[has-type]
+        self.fraction_train, self.min_available_nodes = 1.0, 1
+        try:
+            return list(super().configure_train(  # type: ignore[misc]
+                run_round, arrays, config, NodeList(cohort)))
+        finally:
+            self.fraction_train, self.min_available_nodes = saved
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -280,7 +318,8 @@ class SafeguardsMixin:
         for reply in replies:
             if reply.has_error():
                 continue
-            problem = update_problem(reply, self._global_arrays, record_names)
+            problem = (update_problem(reply, self._global_arrays, record_names)
+                       or self._clipping_problem(reply))
             if problem is None:
                 candidates.append(reply)
             else:
@@ -295,6 +334,8 @@ class SafeguardsMixin:
                 reject(reply, f"metric names {sorted(metric_names(reply))} differ from the "
                               f"other replies' {sorted(common_names)}")
         # Counted per client: a multiplexed node's reply holds several (see multiplex).
+        if not replies and self.ledger is not None:  # an empty Poisson cohort
+            return self._private_release(server_round, None, 0), MetricRecord()
         self.recorder.record(server_round, save=False,
                              train_replies=sum(len(served(r)) for r in usable),
                              train_failures=len(errors),
@@ -307,13 +348,13 @@ class SafeguardsMixin:
                 f"round {server_round}: none of the {len(replies)} training replies could be "
                 f"aggregated ({len(errors)} failed, {len(rejected)} rejected); stopping "
                 "instead of carrying the old model forward")
-        if self.update_norm_bound > 0:
+        bound = self.dp_server_clipping_norm or self.update_norm_bound
+        if bound > 0:
             # Multiplexed nodes clip each client's update before averaging them.
             single = [r for r in usable if not is_node_mean(r)]
             self.recorder.record(server_round, save=False,
                                  train_clipped=clipped_on_nodes(usable)
-                                 + bound_update_norms(single, self._global_arrays,
-                                                      self.update_norm_bound))
+                                 + bound_update_norms(single, self._global_arrays, bound))
         if self.strategy_name == "multikrum" and self.multikrum_keep == 0:
             self.num_nodes_to_select = max(len(usable) - self.assumed_malicious, 1)
         arrays, metrics = super().aggregate_train(  # type: ignore[misc]
@@ -323,6 +364,9 @@ class SafeguardsMixin:
                 f"round {server_round}: strategy '{self.strategy_name}' could not aggregate "
                 f"the {len(usable)} usable updates (see the warning above); stopping instead "
                 "of carrying the old model forward")
+        if self.ledger is not None:
+            arrays = self._private_release(server_round, arrays,
+                                           sum(len(served(r)) for r in usable))
         self.samples_trained += self.local_epochs * sum(
             int(r.content["metrics"]["num-examples"]) for r in usable)
         # Summed, unlike the weighted mean in `train`: the round's compute in CPU-seconds.
@@ -363,6 +407,40 @@ class SafeguardsMixin:
                                                    and id(r) not in usable_ids)
                              + rejected_on_nodes(replies))
         return metrics
+
+    def latest_arrays(self) -> ArrayRecord:
+        """The global model the last round started from (a run stopped before a round
+        ends with it)."""
+        return self._global_arrays
+
+    def _clipping_problem(self, reply: Message) -> str | None:
+        """With dp='client': why an update is longer than the clipping norm, or None."""
+        if self.dp_client_clipping_norm == 0 or is_node_mean(reply):
+            return None
+        norm = update_norm(reply.content["arrays"], self._global_arrays)
+        if norm <= self.dp_client_clipping_norm * (1 + 1e-5):
+            return None
+        return (f"update norm {norm:.4g} exceeds dp-clipping-norm "
+                f"{self.dp_client_clipping_norm:g} (dp='client': clients clip)")
+
+    def _private_release(self, server_round: int, mean: ArrayRecord | None,
+                         clients: int) -> ArrayRecord:
+        """DP-FedAvg's release: the clipped updates' sum over the expected cohort, plus
+        noise; the round's epsilon goes to the log and results.json."""
+        ledger = self.ledger
+        noise_std = compute_stdv(ledger.noise_multiplier, self.dp_clipping_norm,
+                                 self._expected_cohort)
+        arrays = noised_update(self._global_arrays, mean, clients, self._expected_cohort,
+                               noise_std)
+        epsilon = ledger.spend(server_round)
+        log(INFO, "Round %d: privacy spent so far epsilon=%.4f at delta=%g (%d clients, "
+            "noise std %.3g)", server_round, epsilon, ledger.delta, clients, noise_std)
+        self.recorder.record(server_round, save=False, dp_epsilon=epsilon,
+                             dp_delta=ledger.delta, dp_clients=clients,
+                             dp_noise_std=noise_std)
+        if mean is None:
+            self.save_checkpoint(server_round, arrays)
+        return arrays
 
     def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
         checkpoint = {"round": server_round, "model": arrays.to_torch_state_dict(),

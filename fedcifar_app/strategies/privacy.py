@@ -1,0 +1,119 @@
+"""User-level differential privacy: DP-FedAvg (McMahan et al. 2018) with a budget.
+
+With ``dp`` set, a round is the Gaussian mechanism on a Poisson-sampled cohort:
+
+* every client joins the round independently with probability q = fraction-train
+  (``poisson_cohort``, seeded per round), not Flower's fixed-size draw: the event
+  the accountant knows how to amplify;
+* each client's update (its model minus the global model) is clipped to L2 norm C
+  (``dp-clipping-norm``): by the server after the update filter (``dp='server'``),
+  or by the client before it sends (``dp='client'``; the server then rejects
+  updates longer than C); a multiplexed node clips each of its clients;
+* the server sums the clipped updates and divides by the expected cohort q·N, not
+  by the number that arrived (``noised_update``), and adds N(0, (zC / qN)²) noise to
+  every coordinate with Flower's ``add_gaussian_noise_inplace``. The fixed
+  denominator keeps the sensitivity at C / qN whatever the cohort's size, and a
+  client that fails only leaves its term out;
+* ``PrivacyLedger`` composes one ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``
+  per round in dp-accounting's RDP accountant (add-or-remove-one neighbours, i.e.
+  user-level DP) and reports epsilon at ``dp-delta``; a round that would take
+  epsilon past ``dp-max-epsilon`` is not run.
+
+Flower's own DP wrappers are not used: their fixed-size sampling has no
+amplification their accountant can use, they average by the number of replies,
+they clip before the update filter, and their accountant refuses strategies that
+override ``aggregate_train`` (the safeguards do). Their clipping and noise functions
+are used as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace
+
+ACCOUNTING = ("RDP (dp-accounting), user level, add-or-remove-one neighbours, one "
+              "Poisson-sampled Gaussian mechanism per round")
+
+
+class PrivacyBudgetSpent(RuntimeError):
+    """The next round would spend more than dp-max-epsilon; the run ends before it."""
+
+
+def poisson_cohort(nodes: list[int], rate: float, seed: int, run_round: int) -> list[int]:
+    """Each of ``nodes`` (in a fixed order) with probability ``rate``, independently,
+    the same for the same seed and round."""
+    draw = random.Random(f"{seed}:{run_round}:dp-cohort")
+    return [node for node in nodes if draw.random() < rate]
+
+
+@dataclass
+class PrivacyLedger:
+    """Epsilon at ``delta`` after the rounds composed so far."""
+
+    noise_multiplier: float
+    sampling_rate: float
+    delta: float
+    max_epsilon: float = 0.0  # 0: no cap
+    rounds: int = 0
+    epsilon_by_round: dict[int, float] = field(default_factory=dict)
+
+    def epsilon(self, rounds: int) -> float:
+        """Epsilon at ``delta`` after ``rounds`` rounds (infinite without noise)."""
+        if rounds == 0:
+            return 0.0
+        if self.noise_multiplier == 0:
+            return float("inf")
+        import dp_accounting
+        from dp_accounting import rdp
+
+        accountant = rdp.RdpAccountant()
+        # At large sampling rates the lowest RDP orders do not converge; dp-accounting
+        # leaves them out and warns each time (to the 'absl' logger): kept quiet here.
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)
+        try:
+            accountant.compose(dp_accounting.PoissonSampledDpEvent(
+                self.sampling_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier)),
+                rounds)
+            return float(accountant.get_epsilon(self.delta))
+        finally:
+            absl_logger.setLevel(level)
+
+    def check_next(self, run_round: int) -> None:
+        """Raise PrivacyBudgetSpent if running ``run_round`` would exceed the cap."""
+        after = self.epsilon(self.rounds + 1)
+        if self.max_epsilon > 0 and after > self.max_epsilon:
+            raise PrivacyBudgetSpent(
+                f"round {run_round} would take epsilon from "
+                f"{self.epsilon(self.rounds):.4g} to {after:.4g}, past dp-max-epsilon "
+                f"{self.max_epsilon:g} (delta {self.delta:g}); the run ends after round "
+                f"{run_round - 1}")
+
+    def spend(self, run_round: int) -> float:
+        """Compose one round; return epsilon so far."""
+        self.rounds += 1
+        self.epsilon_by_round[run_round] = self.epsilon(self.rounds)
+        return self.epsilon_by_round[run_round]
+
+
+def noised_update(global_arrays: ArrayRecord, mean_arrays: ArrayRecord | None,
+                  clients: int, expected_clients: float, noise_std: float) -> ArrayRecord:
+    """The new global model: the global one plus the sum of the ``clients`` clipped
+    updates whose mean ``mean_arrays`` holds, divided by ``expected_clients`` (q·N),
+    plus Gaussian noise of ``noise_std`` on every coordinate."""
+    keys = list(global_arrays)
+    start = global_arrays.to_numpy_ndarrays()
+    if mean_arrays is None or clients == 0:
+        update = [np.zeros_like(s) for s in start]
+    else:
+        update = [(mean_arrays[k].numpy() - s) * (clients / expected_clients)
+                  for k, s in zip(keys, start, strict=True)]
+    add_gaussian_noise_inplace(update, noise_std)
+    return ArrayRecord({k: Array((s + u).astype(s.dtype, copy=False))
+                        for k, s, u in zip(keys, start, update, strict=True)})
