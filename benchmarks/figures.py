@@ -106,6 +106,30 @@ def robustness_figure(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def privacy_figure(report: dict, path: Path) -> None:
+    """Final test accuracy against the epsilon spent, and the run without DP."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    private = sorted((run["epsilon"], 100 * run["final_accuracy"]) for run in runs.values()
+                     if run.get("epsilon") is not None and run.get("final_accuracy"))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if private:
+        ax.plot(*zip(*private), marker="o", label="DP-FedAvg (dp='server')")
+    baseline = runs.get("no DP", {}).get("final_accuracy")
+    if baseline:
+        ax.axhline(100 * baseline, color="grey", linestyle="--", label="no DP")
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon after the run (delta 1e-5)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{report['users']} clients, {report['rounds']} rounds")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -118,7 +142,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     drawn = []
     for name, draw in (("speed", speed_figure), ("scale", scale_figure),
-                       ("niid_bench", niid_figure), ("robustness", robustness_figure)):
+                       ("niid_bench", niid_figure), ("robustness", robustness_figure),
+                       ("privacy", privacy_figure)):
         report = load(args.results / f"{name}.json")
         if report:
             draw(report, args.out / f"{name}.png")

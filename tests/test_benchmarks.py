@@ -190,3 +190,17 @@ def test_cross_device(local_simulation: dict[str, str], tiny_dataset: Path,
     assert parts["per-node"]["supernodes"] == 8
     # Evaluated at the start and after the last round (evaluate-every 100).
     assert sorted(parts["multiplexed"]["test_accuracy"]) == ["0", "3"]
+
+
+def test_privacy(local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
+    benchmark("privacy", local_simulation, *data_args(tiny_dataset, tmp_path),
+              "--users", "8", "--rounds", "2", "--epsilons", "20", "--delta", "0.01")
+    runs = json.loads((tmp_path / "results" / "privacy.json").read_text())["runs"]
+    assert set(runs) == {"no DP", "epsilon 20"}
+    assert all(run["status"] == "completed" and run["rounds"] == 2 for run in runs.values())
+    private = runs["epsilon 20"]
+    assert private["epsilon"] <= 20 and private["noise_multiplier"] > 0
+    figures = tmp_path / "figures"
+    benchmark("figures", local_simulation, "--results", str(tmp_path / "results"),
+              "--out", str(figures))
+    assert (figures / "privacy.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,90 @@
+"""Accuracy against epsilon: user-level DP at cross-device scale.
+
+    python benchmarks/privacy.py --dataset /abs/path/to/cifar10 [--rounds 200]
+        [--epsilons 1 2 4 8] [--clipping-norm 0.5]
+
+The cross-device workload of ``cross_device.py`` (1,000 virtual clients of 50 IID
+images, multiplexed; each joins a round with probability 0.05, one local epoch of
+batch 10, SGD lr 0.1, the tutorial CNN), run without DP and with ``dp='server'`` at
+each target epsilon (delta 1e-5, below 1/1,000). For a target, the noise multiplier
+is the smallest that keeps epsilon after --rounds rounds at or below it (bisection
+on the same RDP accountant the runs use; ``dp-max-epsilon`` is the target, so no
+run can overshoot). Same seed, rounds and clipping norm for every run. Results go
+to privacy.json under --out after each run; finished runs are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common import add_data_arguments, data_config, load, machine, run_resumable, save
+from cross_device import WORKLOAD
+
+from fedcifar_app.strategies.privacy import PrivacyLedger
+
+USERS, SAMPLING_RATE, DELTA = 1000, 0.05, 1e-5
+
+
+def noise_for(epsilon: float, rounds: int, sampling_rate: float, delta: float) -> float:
+    """The smallest noise multiplier (to 0.1 %) whose epsilon after ``rounds`` rounds is
+    at most ``epsilon``."""
+    low, high = 0.1, 100.0
+    while high / low > 1.001:
+        middle = (low * high) ** 0.5
+        if PrivacyLedger(middle, sampling_rate, delta).epsilon(rounds) > epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_arguments(parser)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--users", type=int, default=USERS)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
+    parser.add_argument("--clipping-norm", type=float, default=0.5)
+    parser.add_argument("--delta", type=float, default=DELTA)
+    args = parser.parse_args()
+    out = args.out.resolve()
+    report_path = out / "privacy.json"
+    report = load(report_path) or {"machine": machine(), "workload": WORKLOAD,
+                                   "users": args.users, "rounds": args.rounds, "runs": {}}
+    settings = (f"{WORKLOAD} virtual-clients={args.users} fraction-train={SAMPLING_RATE} "
+                f"num-server-rounds={args.rounds}")
+    for target in [None, *args.epsilons]:
+        name = "no DP" if target is None else f"epsilon {target:g}"
+        run = report["runs"].setdefault(name, {})
+        if run.get("status") == "completed":
+            continue
+        config = settings
+        if target is not None:
+            noise = noise_for(target, args.rounds, SAMPLING_RATE, args.delta)
+            run.update(noise_multiplier=noise, target_epsilon=target)
+            config += (f" dp='server' dp-noise-multiplier={noise} dp-clipping-norm="
+                       f"{args.clipping_norm} dp-delta={args.delta} dp-max-epsilon={target}")
+        run_root = out / "runs" / "privacy" / name.replace(" ", "-")
+        run_dir, wall = run_resumable(f"{data_config(args, run_root)} {config}", run_root,
+                                      name)
+        results = load(run_dir / "results.json")
+        entries = results["entries"]
+        run.update(status=results["status"], run_dir=str(run_dir), wall_s=wall,
+                   rounds=entries[-1]["round"],
+                   final_accuracy=entries[-1].get("test_accuracy"),
+                   accuracy_by_round={e["round"]: e["test_accuracy"] for e in entries
+                                      if e.get("test_accuracy") is not None},
+                   epsilon=entries[-1].get("dp_epsilon"))
+        save(report_path, report)
+        print(f"{name}: {run}", flush=True)
+    print(f"\n{'run':<14}{'noise z':>10}{'epsilon':>10}{'test accuracy':>16}")
+    for name, run in report["runs"].items():
+        noise = run.get("noise_multiplier")
+        epsilon = run.get("epsilon")
+        print(f"{name:<14}{noise if noise is None else round(noise, 3)!s:>10}"
+              f"{epsilon if epsilon is None else round(epsilon, 3)!s:>10}"
+              f"{100 * (run.get('final_accuracy') or 0):>15.2f}%")
+
+
+if __name__ == "__main__":
+    main()
