@@ -1,7 +1,7 @@
 """Accuracy against epsilon: user-level DP at cross-device scale.
 
     python benchmarks/privacy.py --dataset /abs/path/to/cifar10 [--rounds 200]
-        [--epsilons 1 2 4 8] [--clipping-norm 0.5]
+        [--epsilons 1 2 4 8] [--clipping-norm 0.2]
 
 The cross-device workload of ``cross_device.py`` (1,000 virtual clients of 50 IID
 images, multiplexed; each joins a round with probability 0.05, one local epoch of
@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--users", type=int, default=USERS)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
-    parser.add_argument("--clipping-norm", type=float, default=0.5)
+    parser.add_argument("--clipping-norm", type=float, default=0.2,
+                        help="C (default 0.2: first-round client updates here have norms 0.10-0.16)")
     parser.add_argument("--delta", type=float, default=DELTA)
     args = parser.parse_args()
     out = args.out.resolve()
