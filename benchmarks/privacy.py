@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=USERS)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     parser.add_argument("--clipping-norm", type=float, default=0.2,
-                        help="C (default 0.2: first-round client updates here have norms 0.10-0.16)")
+                        help="C (default 0.2: first-round client updates here have "
+                        "norms 0.10-0.16)")
     parser.add_argument("--delta", type=float, default=DELTA)
     args = parser.parse_args()
     out = args.out.resolve()
