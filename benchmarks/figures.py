@@ -122,6 +122,8 @@ def privacy_figure(report: dict, path: Path) -> None:
     if baseline:
         ax.axhline(100 * baseline, color="grey", linestyle="--", label="no DP")
     ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks([e for e, _ in private], [f"{e:.3g}" for e, _ in private])
     ax.set_xlabel("epsilon after the run (delta 1e-5)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{report['users']} clients, {report['rounds']} rounds")
