@@ -95,9 +95,11 @@ def robustness_figure(report: dict, path: Path) -> None:
                           for d in defences] for a in attacks])
         image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100)
         for (i, j), value in np.ndenumerate(grid):
-            if not np.isnan(value):
-                ax.text(j, i, f"{value:.0f}", ha="center", va="center",
-                        color="white" if value < 50 else "black")
+            failed = rows[attacks[i]].get(defences[j], {}).get("status") == "failed"
+            if failed or not np.isnan(value):
+                ax.text(j, i, "failed" if failed else f"{value:.0f}", ha="center",
+                        va="center", color="white" if failed or value < 50 else "black",
+                        fontsize=8 if failed else None)
         ax.set_xticks(range(len(defences)), defences, rotation=30, ha="right")
         ax.set_yticks(range(len(attacks)), attacks)
         ax.set_title(f"{split}: final test accuracy (%)")

@@ -52,7 +52,7 @@ def record(cell: dict, run_dir: Path, wall: float) -> None:
     results = load(run_dir / "results.json")
     entries = results["entries"]
     round_s = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(entries, entries[1:])]
-    cell.update(run_dir=str(run_dir), status=results["status"],
+    cell.update(run_dir=str(run_dir), status=results["status"], error=results.get("error"),
                 wall_s=cell.get("wall_s", 0) + wall, best=results["best"],
                 final_accuracy=entries[-1].get("test_accuracy"),
                 median_round_s=statistics.median(round_s) if round_s else None,
@@ -110,9 +110,14 @@ def table(report: dict, split: str) -> None:
     print(f"{'attack':<17}" + "".join(f"{d:>14}" for d in defences))
     for attack in ATTACKS:
         row = cells.get(attack, {})
-        values = [row.get(d, {}).get("final_accuracy") for d in defences]
-        print(f"{attack:<17}" + "".join(f"{100 * v:>14.2f}" if v is not None else f"{'-':>14}"
-                                        for v in values))
+        print(f"{attack:<17}" + "".join(_cell_text(row.get(d, {})) for d in defences))
+
+
+def _cell_text(cell: dict) -> str:
+    if cell.get("status") == "failed":
+        return f"{'failed':>14}"
+    value = cell.get("final_accuracy")
+    return f"{100 * value:>14.2f}" if value is not None else f"{'-':>14}"
 
 
 def main() -> None:
@@ -144,7 +149,8 @@ def main() -> None:
             for defence in args.defences:
                 cell = report["cells"].setdefault(split, {}).setdefault(attack, {}) \
                     .setdefault(defence, {})
-                if cell.get("status") == "completed":
+                # A failed run (e.g. training diverged under the attack) is a result too.
+                if cell.get("status") in ("completed", "failed"):
                     continue
                 run_root = out / "runs" / "robustness" / split / attack / defence
                 config = (f"{data_config(args, run_root)} {COMMON} {SPLITS[split]} "

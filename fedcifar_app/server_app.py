@@ -112,7 +112,8 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "[fedcifar] privacy budget: %s", spent)
         recorder.extra["stopped"] = str(spent)
         final = strategy.latest_arrays()
-    except Exception:
+    except Exception as err:
+        recorder.extra["error"] = f"{type(err).__name__}: {err}"
         recorder.finish(None, status="failed")
         raise
     net.load_state_dict(final.to_torch_state_dict())
