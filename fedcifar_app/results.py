@@ -66,9 +66,9 @@ class RunRecorder:
 
         ``elapsed_s`` becomes the time of this call, unless ``timed`` is False (values
         that arrive after their round ended, which must not move its end). With
-        ``save`` False results.json is written by the next call that saves (or by
-        ``finish``): a round records several times, and rewriting a long run's whole
-        history each time cost a multiplexed round 10 % of its time."""
+        ``save`` False results.json is written by the next call that saves, by
+        ``write`` or by ``finish``: a round records several times, and rewriting a long
+        run's whole history each time cost a multiplexed round 10 % of its time."""
         entry = next((e for e in self.entries if e[self.unit] == index), None)
         if entry is None:
             entry = {self.unit: index}

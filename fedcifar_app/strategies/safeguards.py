@@ -24,8 +24,8 @@ copying the strategy's loop:
 * every round's global model and round number go to ``checkpoint.pt``, from
   which ``resume-from`` continues;
 * per-round metrics, reply and failure counts, and where each update was trained
-  (the nodes' 'worker' record: host, Ray node) go to results.json, written once per
-  round, with the server's evaluation that ends it (or when the run fails).
+  (the nodes' 'worker' record: host, Ray node) go to results.json, written with each
+  checkpoint and with the server's evaluation that ends a round (or when the run fails).
 """
 
 from __future__ import annotations
@@ -443,6 +443,9 @@ class SafeguardsMixin:
         return arrays
 
     def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        # results.json first: a run resumed from this checkpoint takes its history from
+        # there, so the history must reach the checkpoint's round whenever it exists.
+        self.recorder.write()
         checkpoint = {"round": server_round, "model": arrays.to_torch_state_dict(),
                       "samples_trained": self.samples_trained, "model_name": self.model_name}
         atomic_write(self.checkpoint_path, lambda tmp: torch.save(checkpoint, tmp))
