@@ -164,18 +164,26 @@ def test_a_failing_client_costs_only_itself_and_a_failing_node_its_clients(
     assert first["train_failures"] == 3
 
 
-def test_each_node_gets_one_message_per_phase(tmp_path: Path, tiny_dataset: Path,
-                                              server_task_identity: None) -> None:
+def one_round(tmp_path: Path, tiny_dataset: Path, nodes: int,
+              **overrides: object) -> InProcessGrid:
+    """One multiplexed round of six clients, all training, on the first two of
+    ``nodes`` SuperNodes; the grid, with every message it was sent."""
     run_config = {"dataset": str(tiny_dataset), "cache-dir": str(tmp_path / "cache"),
                   "virtual-clients": CLIENTS, "serving-nodes": 2, "fraction-train": 1.0,
-                  "fraction-evaluate": 0.5, "min-available-nodes": 1}
+                  "min-available-nodes": 1, **overrides}
     config = RunConfig.from_mapping(run_config)
     strategy = build_strategy(config, RunRecorder(tmp_path, kind="federated", unit="round",
                                                   run_config=config.to_dict()))
-    grid = InProcessGrid(2, run_config)
+    grid = InProcessGrid(nodes, run_config)
     strategy.meet_nodes(grid)
     strategy.start(grid=strategy_grid(config, grid, strategy),
                    initial_arrays=ArrayRecord(task.Net().state_dict()), num_rounds=1)
+    return grid
+
+
+def test_each_node_gets_one_message_per_phase(tmp_path: Path, tiny_dataset: Path,
+                                              server_task_identity: None) -> None:
+    grid = one_round(tmp_path, tiny_dataset, 2, **{"fraction-evaluate": 0.5})
     kinds = [(m.metadata.message_type, m.metadata.dst_node_id) for m in grid.sent]
     assert kinds == [("query", 100), ("query", 101), ("train", 100), ("train", 101),
                      ("evaluate", 100), ("evaluate", 101)]
@@ -186,16 +194,7 @@ def test_each_node_gets_one_message_per_phase(tmp_path: Path, tiny_dataset: Path
 def test_serving_nodes_limits_the_nodes_that_get_clients(
         tmp_path: Path, tiny_dataset: Path, server_task_identity: None) -> None:
     """Three SuperNodes connected, two serving: the third gets only the census query."""
-    run_config = {"dataset": str(tiny_dataset), "cache-dir": str(tmp_path / "cache"),
-                  "virtual-clients": CLIENTS, "serving-nodes": 2, "fraction-train": 1.0,
-                  "fraction-evaluate": 0.0, "min-available-nodes": 1}
-    config = RunConfig.from_mapping(run_config)
-    strategy = build_strategy(config, RunRecorder(tmp_path, kind="federated", unit="round",
-                                                  run_config=config.to_dict()))
-    grid = InProcessGrid(3, run_config)
-    strategy.meet_nodes(grid)
-    strategy.start(grid=strategy_grid(config, grid, strategy),
-                   initial_arrays=ArrayRecord(task.Net().state_dict()), num_rounds=1)
+    grid = one_round(tmp_path, tiny_dataset, 3, **{"fraction-evaluate": 0.0})
     trained = {m.metadata.dst_node_id: list(m.content["virtual-clients"]["partition-ids"])
                for m in grid.sent if m.metadata.message_type == "train"}
     assert trained == {100: [0, 1, 2], 101: [3, 4, 5]}

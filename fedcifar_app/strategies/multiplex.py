@@ -32,6 +32,7 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from fedcifar_app.strategies.recovery import WrappedGrid
 from fedcifar_app.strategies.sampling import PartitionDirectory
 from fedcifar_app.virtual_clients import EACH, MEAN, SEPARATOR, VIRTUAL_CLIENTS
 
@@ -89,7 +90,7 @@ def _record(reply: Message) -> ConfigRecord | None:
     return None if reply.has_error() else reply.content.config_records.get(VIRTUAL_CLIENTS)
 
 
-class MultiplexingGrid(Grid):
+class MultiplexingGrid(WrappedGrid):
     """The Grid a strategy sees in multiplexed mode; see the module docstring.
 
     ``grid`` is the Grid of the real SuperNodes (a RecoveringGrid, which resends a
@@ -113,18 +114,6 @@ class MultiplexingGrid(Grid):
         """The first ``serving`` connected SuperNodes, in the order of the partitions
         they hold."""
         return self.directory.ordered_connected(self.grid)[:self.serving]
-
-    # The rest of Grid's interface is the real one's.
-    def set_run(self, run_id):  # type: ignore[no-untyped-def]
-        self.grid.set_run(run_id)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        return self.grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         raise NotImplementedError("multiplexed mode sends with send_and_receive only")

@@ -60,20 +60,11 @@ class _Pending:
     deadline: float
 
 
-class RecoveringGrid(Grid):
-    """A Grid that replaces failed nodes within a phase; see the module docstring."""
+class WrappedGrid(Grid):
+    """A Grid that passes every call to the Grid it wraps; subclasses override some."""
 
-    def __init__(self, grid: Grid, retries: int,
-                 on_phase_end: Callable[[PhaseReport], None] | None = None,
-                 poll_interval: float = POLL_INTERVAL,
-                 rng: random.Random | None = None) -> None:
-        self.grid = grid
-        self.retries = retries
-        self.on_phase_end = on_phase_end
-        self.poll_interval = poll_interval
-        self.rng = rng or random.Random()
+    grid: Grid
 
-    # Everything but send_and_receive is the wrapped Grid's.
     def set_run(self, run_id):  # type: ignore[no-untyped-def]
         self.grid.set_run(run_id)
 
@@ -93,6 +84,24 @@ class RecoveringGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class RecoveringGrid(WrappedGrid):
+    """A Grid that replaces failed nodes within a phase; see the module docstring."""
+
+    def __init__(self, grid: Grid, retries: int,
+                 on_phase_end: Callable[[PhaseReport], None] | None = None,
+                 poll_interval: float = POLL_INTERVAL,
+                 rng: random.Random | None = None) -> None:
+        self.grid = grid
+        self.retries = retries
+        self.on_phase_end = on_phase_end
+        self.poll_interval = poll_interval
+        self.rng = rng or random.Random()
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
