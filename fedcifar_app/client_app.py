@@ -23,7 +23,7 @@ from fedcifar_app import task
 from fedcifar_app.config import RunConfig, device_problem
 from fedcifar_app.data import PartitionScheme, load_node_data, load_partition, load_partitions
 from fedcifar_app.task import BatchLoader, ImageTensors
-from fedcifar_app.virtual_clients import (DP_WEIGHT, EACH, SEPARATOR, VIRTUAL_CLIENTS,
+from fedcifar_app.virtual_clients import (DP_CLIPPED, DP_WEIGHT, EACH, SEPARATOR, VIRTUAL_CLIENTS,
                                           ClientMean, clip_update, non_finite)
 
 app = ClientApp()
@@ -151,13 +151,18 @@ def train(msg: Message, context: Context) -> Message:
                                            train_data, validation_data)
     if received:  # dp='client': the update leaves the node clipped
         weights = task.cpu_state_dict(net)
-        clip_update(weights, received, config.dp_clipping_norm)
+        metrics[DP_CLIPPED] = int(clip_update(weights, received, _dp_clipping_norm(msg)))
         net.load_state_dict(weights)
     reply = _reply(msg, metrics, net)
     reply.content["worker"] = worker_identity()
     if control_delta is not None:
         reply.content["control-delta"] = _parameter_record(net, control_delta)
     return reply
+
+
+def _dp_clipping_norm(msg: Message) -> float:
+    """The round's DP clipping norm, which the server sends (adaptive clipping moves it)."""
+    return float(msg.content["config"]["dp-clipping-norm"])
 
 
 def _train_client(net: torch.nn.Module, config: RunConfig, msg: Message, context: Context,
@@ -338,7 +343,8 @@ def _serve_virtual_clients(msg: Message, context: Context) -> Message:
     results = _ServedClients(each, [name for name, _ in net.named_parameters()],
                              DP_WEIGHT if config.dp != "none" else "num-examples")
     # With DP the node clips each client's update: the server sees only their mean.
-    bound = config.dp_clipping_norm if config.dp != "none" else config.update_norm_bound
+    bound = (_dp_clipping_norm(msg) if config.dp != "none" and training
+             else config.update_norm_bound)
     start = [received[name] for name in net.state_dict()]
     for client, (train_data, validation_data) in zip(clients, data, strict=True):
         _reset(net, start)

@@ -23,6 +23,7 @@ ATTACKS = ("none", "label-flip", "sign-flip", "scale", "gaussian", "little-is-en
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DP_MODES = ("none", "server", "client")
+DP_CLIPPING = ("fixed", "adaptive")
 # DP-FedAvg's noise and accounting assume the server releases the plain average.
 DP_STRATEGIES = ("fedavg", "fedprox")
 
@@ -159,7 +160,21 @@ class RunConfig:
         1.0, "DP: Gaussian noise standard deviation over the clipping norm (z).",
         _at_least(0))
     dp_clipping_norm: float = _setting(
-        1.0, "DP: L2 norm each client update is clipped to (C).", _positive)
+        1.0, "DP: L2 norm each client update is clipped to (C); with adaptive clipping, "
+        "its first value.", _positive)
+    dp_clipping: str = _setting(
+        "fixed", "DP: 'fixed' keeps dp-clipping-norm; 'adaptive' moves it each round "
+        "towards dp-target-quantile of the update norms (Andrew et al. 2021).",
+        _one_of(DP_CLIPPING))
+    dp_target_quantile: float = _setting(
+        0.5, "DP, adaptive clipping: fraction of the updates the norm should leave "
+        "unclipped.", _unit_closed)
+    dp_clip_learning_rate: float = _setting(
+        0.2, "DP, adaptive clipping: step of the geometric update of the clipping norm.",
+        _positive)
+    dp_clipped_count_stddev: float = _setting(
+        0.0, "DP, adaptive clipping: noise on the count of unclipped updates (0: expected "
+        "clients per round / 20, as Andrew et al. recommend).", _at_least(0))
     dp_delta: float = _setting(
         1e-5, "DP: the delta epsilon is reported at; keep it below 1 / number of clients.",
         lambda v: None if 0 < v < 1 else "must be in (0, 1)")
@@ -272,6 +287,13 @@ class RunConfig:
         if self.update_norm_bound > 0:
             problems.append("'dp' clips updates to 'dp-clipping-norm'; set "
                             "'update-norm-bound' to 0")
+        count_stddev = self.dp_clipped_count_stddev
+        if (self.dp_clipping == "adaptive" and count_stddev > 0
+                and self.dp_noise_multiplier >= 2 * count_stddev):
+            problems.append(
+                f"adaptive clipping: 'dp-noise-multiplier' {self.dp_noise_multiplier:g} "
+                f"must be below 2 x 'dp-clipped-count-stddev' ({2 * count_stddev:g}): the "
+                "noised count alone would spend more privacy than the whole round may")
         return problems
 
     def is_evaluation_round(self, run_round: int) -> bool:

@@ -27,6 +27,8 @@ SEPARATOR = "/"
 # With DP every client weighs 1 in the average (DP-FedAvg): this metric, which a
 # multiplexed node's reply sums over its clients.
 DP_WEIGHT = "dp-weight"
+# With dp='client', a per-node reply's metric: 1 if the client clipped its update.
+DP_CLIPPED = "dp-clipped"
 # Metrics that are counts: summed over the clients, not averaged.
 COUNTS = ("num-examples", "eval-num-examples", DP_WEIGHT)
 # Metrics named eval-* from evaluate-in-train are weighted by this count, as the server

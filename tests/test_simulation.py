@@ -163,7 +163,8 @@ def test_a_private_run_reports_epsilon_and_stops_at_its_budget(
         local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
     """DP with a cap between the epsilon of two and of three rounds: rounds 1 and 2
     run and record their epsilon, round 3 does not; the run ends completed, with its
-    final model (round 2's) written."""
+    final model (round 2's) written. Adaptive clipping (whose noised count is part of
+    each round's mechanism) moves the clipping norm between the rounds."""
     from fedcifar_app.strategies.privacy import PrivacyLedger
 
     probe = PrivacyLedger(noise_multiplier=1.0, sampling_rate=0.67, delta=1e-3)
@@ -172,7 +173,7 @@ def test_a_private_run_reports_epsilon_and_stops_at_its_budget(
         local_simulation, tiny_dataset, tmp_path,
         f"num-server-rounds=5 dp='server' dp-noise-multiplier=1.0 dp-clipping-norm=0.5 "
         f"dp-delta=0.001 dp-max-epsilon={cap} fraction-train=0.67 min-available-nodes=3 "
-        "local-epochs=1")
+        "local-epochs=1 dp-clipping='adaptive' dp-clipped-count-stddev=1.0")
     results = load_results(run_dir)
     assert results["status"] == "completed"
     assert "round 3 would take epsilon" in results["stopped"]
@@ -181,4 +182,7 @@ def test_a_private_run_reports_epsilon_and_stops_at_its_budget(
     assert [e["dp_epsilon"] for e in entries[1:]] == pytest.approx(
         [probe.epsilon(1), probe.epsilon(2)])
     assert results["privacy"]["clipping"] == "server"
+    assert results["privacy"]["adaptive_clipping"]["clipped_count_stddev"] == 1.0
+    assert entries[1]["dp_clipping_norm"] == 0.5
+    assert entries[2]["dp_clipping_norm"] != 0.5
     assert (run_dir / FINAL_MODEL_FILE).exists()

@@ -28,7 +28,8 @@ from fedcifar_app.results import RunRecorder
 from fedcifar_app.strategies.safeguards import (CHECKPOINT_FILE, Checkpoint, RunFailedError,
                                                 SafeguardsMixin, load_checkpoint)
 from fedcifar_app.strategies.multiplex import MultiplexingGrid
-from fedcifar_app.strategies.privacy import ACCOUNTING, PrivacyBudgetSpent, PrivacyLedger
+from fedcifar_app.strategies.privacy import (ACCOUNTING, AdaptiveClipping, PrivacyBudgetSpent,
+                                             PrivacyLedger)
 from fedcifar_app.strategies.recovery import RecoveringGrid
 from fedcifar_app.strategies.sampling import PartitionDirectory
 from fedcifar_app.strategies.scaffold import Scaffold
@@ -76,16 +77,21 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
         strategy.ledger = PrivacyLedger(config.dp_noise_multiplier, config.fraction_train,
                                         config.dp_delta, config.dp_max_epsilon)
         strategy.dp_clipping_norm = config.dp_clipping_norm
-        if config.dp == "server":
-            strategy.dp_server_clipping_norm = config.dp_clipping_norm
-        else:
-            strategy.dp_client_clipping_norm = config.dp_clipping_norm
+        strategy.dp_clips_on_server = config.dp == "server"
         recorder.extra["privacy"] = {
             "accounting": ACCOUNTING, "clipping": config.dp,
             "noise_multiplier": config.dp_noise_multiplier,
             "clipping_norm": config.dp_clipping_norm,
             "sampling_rate": config.fraction_train, "delta": config.dp_delta,
-            "max_epsilon": config.dp_max_epsilon}
+            "max_epsilon": config.dp_max_epsilon, "adaptive_clipping": None}
+        if config.dp_clipping == "adaptive":
+            strategy.adaptive_clipping = AdaptiveClipping(
+                config.dp_target_quantile, config.dp_clip_learning_rate,
+                config.dp_clipped_count_stddev)
+            recorder.extra["privacy"]["adaptive_clipping"] = {
+                "target_quantile": config.dp_target_quantile,
+                "learning_rate": config.dp_clip_learning_rate,
+                "clipped_count_stddev": config.dp_clipped_count_stddev or "cohort / 20"}
     strategy.recorder = recorder
     strategy.local_epochs = config.local_epochs
     strategy.node_wait_timeout = config.node_wait_timeout

@@ -49,10 +49,12 @@ from fedcifar_app.strategies.multiplex import (MultiplexingGrid, clipped_on_node
                                                is_node_mean, rejected_on_nodes, served,
                                                train_seconds)
 from fedcifar_app.strategies.recovery import PhaseReport
-from fedcifar_app.strategies.privacy import PrivacyLedger, noised_update, poisson_cohort
+from fedcifar_app.strategies.privacy import (AdaptiveClipping, PrivacyLedger, noised_update,
+                                             poisson_cohort)
 from fedcifar_app.strategies.robust import (bound_update_norms, sample_size_problem,
                                             update_norm)
 from fedcifar_app.strategies.sampling import NodeList, PartitionDirectory, seed_draw
+from fedcifar_app.virtual_clients import DP_CLIPPED
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # With evaluate-in-train, a training reply's metrics that start with this prefix are
@@ -74,6 +76,7 @@ class Checkpoint:
     samples_trained: int
     path: Path
     model_name: str  # the architecture (run-config key 'model') the weights belong to
+    dp_clipping_norm: float | None = None  # DP: the clipping norm of the next round
 
 
 def load_checkpoint(location: str) -> Checkpoint:
@@ -87,7 +90,7 @@ def load_checkpoint(location: str) -> Checkpoint:
     saved = torch.load(path, weights_only=True)
     # Checkpoints written before the 'model' key existed hold the tutorial CNN.
     return Checkpoint(saved["round"], saved["model"], saved["samples_trained"], path,
-                      saved.get("model_name", "tutorial-cnn"))
+                      saved.get("model_name", "tutorial-cnn"), saved.get("dp_clipping_norm"))
 
 
 def update_problem(reply: Message, global_arrays: ArrayRecord,
@@ -193,10 +196,12 @@ class SafeguardsMixin:
     seed: int = 0
     partitions: PartitionDirectory
     ledger: PrivacyLedger | None = None  # DP (see privacy), else None
-    dp_clipping_norm: float = 0.0
-    dp_server_clipping_norm: float = 0.0  # dp='server': the server clips to this
-    dp_client_clipping_norm: float = 0.0  # dp='client': the server checks this bound
+    dp_clipping_norm: float = 0.0  # this round's C (adaptive clipping moves it)
+    dp_clips_on_server: bool = True  # dp='server'; dp='client': the server checks C
+    adaptive_clipping: AdaptiveClipping | None = None
     _expected_cohort: float = 0.0
+    _update_noise_multiplier: float = 0.0
+    _count_stddev: float = 0.0
     _global_arrays: ArrayRecord
 
     def resume_from(self, checkpoint: Checkpoint) -> None:
@@ -205,6 +210,8 @@ class SafeguardsMixin:
         self.samples_trained = checkpoint.samples_trained
         if self.ledger is not None:  # the earlier rounds spent privacy too (same settings)
             self.ledger.rounds = checkpoint.round
+            if checkpoint.dp_clipping_norm is not None:  # where adaptive clipping got to
+                self.dp_clipping_norm = checkpoint.dp_clipping_norm
 
     def wait_for_nodes(self, grid: Grid) -> None:
         """Return once min-available-nodes are connected; fail after the timeout."""
@@ -266,6 +273,18 @@ class SafeguardsMixin:
                 "a delta allows releasing a client's data outright; lower dp-delta")
         ledger.check_next(run_round)
         self._expected_cohort = ledger.sampling_rate * population
+        self._update_noise_multiplier = ledger.noise_multiplier
+        if self.adaptive_clipping is not None:
+            try:
+                self._count_stddev, self._update_noise_multiplier = \
+                    self.adaptive_clipping.noise(ledger.noise_multiplier, self._expected_cohort)
+            except ValueError as err:
+                raise RunFailedError(
+                    f"adaptive clipping: 'dp-noise-multiplier' {ledger.noise_multiplier:g} "
+                    f"needs 'dp-clipped-count-stddev' above {ledger.noise_multiplier / 2:g} "
+                    f"(with {self._expected_cohort:g} clients expected per round): {err}"
+                ) from err
+        config["dp-clipping-norm"] = self.dp_clipping_norm  # what clients clip to
         cohort = poisson_cohort(nodes.node_ids, ledger.sampling_rate, self.seed, run_round)
         if not cohort:  # the round still releases (noise only)
             return []
@@ -335,7 +354,7 @@ class SafeguardsMixin:
                               f"other replies' {sorted(common_names)}")
         # Counted per client: a multiplexed node's reply holds several (see multiplex).
         if not replies and self.ledger is not None:  # an empty Poisson cohort
-            return self._private_release(server_round, None, 0), MetricRecord()
+            return self._private_release(server_round, None, 0, 0), MetricRecord()
         self.recorder.record(server_round, save=False,
                              train_replies=sum(len(served(r)) for r in usable),
                              train_failures=len(errors),
@@ -348,13 +367,7 @@ class SafeguardsMixin:
                 f"round {server_round}: none of the {len(replies)} training replies could be "
                 f"aggregated ({len(errors)} failed, {len(rejected)} rejected); stopping "
                 "instead of carrying the old model forward")
-        bound = self.dp_server_clipping_norm or self.update_norm_bound
-        if bound > 0:
-            # Multiplexed nodes clip each client's update before averaging them.
-            single = [r for r in usable if not is_node_mean(r)]
-            self.recorder.record(server_round, save=False,
-                                 train_clipped=clipped_on_nodes(usable)
-                                 + bound_update_norms(single, self._global_arrays, bound))
+        clipped = self._clip(server_round, usable)
         if self.strategy_name == "multikrum" and self.multikrum_keep == 0:
             self.num_nodes_to_select = max(len(usable) - self.assumed_malicious, 1)
         arrays, metrics = super().aggregate_train(  # type: ignore[misc]
@@ -365,8 +378,8 @@ class SafeguardsMixin:
                 f"the {len(usable)} usable updates (see the warning above); stopping instead "
                 "of carrying the old model forward")
         if self.ledger is not None:
-            arrays = self._private_release(server_round, arrays,
-                                           sum(len(served(r)) for r in usable))
+            clients = sum(len(served(r)) for r in usable)
+            arrays = self._private_release(server_round, arrays, clients, clients - clipped)
         self.samples_trained += self.local_epochs * sum(
             int(r.content["metrics"]["num-examples"]) for r in usable)
         # Summed, unlike the weighted mean in `train`: the round's compute in CPU-seconds.
@@ -413,31 +426,56 @@ class SafeguardsMixin:
         ends with it)."""
         return self._global_arrays
 
+    def _clip(self, server_round: int, usable: list[Message]) -> int:
+        """Clip the usable updates to the round's bound where the server clips, and
+        record how many were longer (also those clipped on their node); return that."""
+        if self.ledger is None:
+            bound = self.update_norm_bound
+            if bound == 0:
+                return 0
+        else:
+            bound = self.dp_clipping_norm if self.dp_clips_on_server else 0.0
+        # Multiplexed nodes clip each client's update before averaging them.
+        single = [r for r in usable if not is_node_mean(r)]
+        clipped = clipped_on_nodes(usable)
+        if bound > 0:
+            clipped += bound_update_norms(single, self._global_arrays, bound)
+        else:  # dp='client': each client says whether it clipped
+            clipped += sum(int(r.content["metrics"].get(DP_CLIPPED, 0)) for r in single)
+        self.recorder.record(server_round, save=False, train_clipped=clipped)
+        return clipped
+
     def _clipping_problem(self, reply: Message) -> str | None:
         """With dp='client': why an update is longer than the clipping norm, or None."""
-        if self.dp_client_clipping_norm == 0 or is_node_mean(reply):
+        if self.ledger is None or self.dp_clips_on_server or is_node_mean(reply):
             return None
         norm = update_norm(reply.content["arrays"], self._global_arrays)
-        if norm <= self.dp_client_clipping_norm * (1 + 1e-5):
+        if norm <= self.dp_clipping_norm * (1 + 1e-5):
             return None
-        return (f"update norm {norm:.4g} exceeds dp-clipping-norm "
-                f"{self.dp_client_clipping_norm:g} (dp='client': clients clip)")
+        return (f"update norm {norm:.4g} exceeds this round's clipping norm "
+                f"{self.dp_clipping_norm:.4g} (dp='client': clients clip)")
 
     def _private_release(self, server_round: int, mean: ArrayRecord | None,
-                         clients: int) -> ArrayRecord:
+                         clients: int, unclipped: int) -> ArrayRecord:
         """DP-FedAvg's release: the clipped updates' sum over the expected cohort, plus
-        noise; the round's epsilon goes to the log and results.json."""
+        noise; with adaptive clipping, the next round's norm from the noised count of
+        ``unclipped`` updates. The round's epsilon goes to the log and results.json."""
         ledger = self.ledger
-        noise_std = compute_stdv(ledger.noise_multiplier, self.dp_clipping_norm,
-                                 self._expected_cohort)
+        norm = self.dp_clipping_norm
+        noise_std = compute_stdv(self._update_noise_multiplier, norm, self._expected_cohort)
         arrays = noised_update(self._global_arrays, mean, clients, self._expected_cohort,
                                noise_std)
         epsilon = ledger.spend(server_round)
         log(INFO, "Round %d: privacy spent so far epsilon=%.4f at delta=%g (%d clients, "
-            "noise std %.3g)", server_round, epsilon, ledger.delta, clients, noise_std)
+            "clipping norm %.4g, noise std %.3g)", server_round, epsilon, ledger.delta,
+            clients, norm, noise_std)
         self.recorder.record(server_round, save=False, dp_epsilon=epsilon,
                              dp_delta=ledger.delta, dp_clients=clients,
-                             dp_noise_std=noise_std)
+                             dp_clipping_norm=norm, dp_noise_std=noise_std)
+        if self.adaptive_clipping is not None:
+            self.dp_clipping_norm, fraction = self.adaptive_clipping.next_norm(
+                norm, unclipped, clients, self._expected_cohort, self._count_stddev)
+            self.recorder.record(server_round, save=False, dp_unclipped_fraction=fraction)
         if mean is None:
             self.save_checkpoint(server_round, arrays)
         return arrays
@@ -448,4 +486,6 @@ class SafeguardsMixin:
         self.recorder.write()
         checkpoint = {"round": server_round, "model": arrays.to_torch_state_dict(),
                       "samples_trained": self.samples_trained, "model_name": self.model_name}
+        if self.ledger is not None:  # the next round's clipping norm
+            checkpoint["dp_clipping_norm"] = self.dp_clipping_norm
         atomic_write(self.checkpoint_path, lambda tmp: torch.save(checkpoint, tmp))
