@@ -16,12 +16,18 @@ from logging import WARNING
 import torch
 from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord,
                       RecordDict)
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common import log
+from flwr.common import (Array, Code, EvaluateRes, FitRes, Status, log, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as legacy
 
 from fedcifar_app import task
 from fedcifar_app.config import RunConfig, device_problem
 from fedcifar_app.data import PartitionScheme, load_node_data, load_partition, load_partitions
+from fedcifar_app.secure_updates import (LEGACY_EVALUATE_PARAMETERS, LEGACY_FIT_PARAMETERS,
+                                         masked_update, max_weight)
 from fedcifar_app.task import BatchLoader, ImageTensors
 from fedcifar_app.virtual_clients import (DP_CLIPPED, DP_WEIGHT, EACH, SEPARATOR, VIRTUAL_CLIENTS,
                                           ClientMean, clip_update, non_finite)
@@ -138,12 +144,24 @@ def _reply(msg: Message, metrics: dict, net: torch.nn.Module | None = None) -> M
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
+def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
+    """SecAgg+'s protocol messages go through Flower's secaggplus_mod (key exchange,
+    masking, unmasking; it calls the train handler once per round, for the update it
+    masks); every other message passes untouched."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the received model on this node's training data (multiplexed: on each
-    virtual client's data the message lists)."""
+    virtual client's data the message lists; with secure aggregation, reply with the
+    update for SecAgg+ to mask)."""
     if VIRTUAL_CLIENTS in msg.content.config_records:
         return _serve_virtual_clients(msg, context)
+    if LEGACY_FIT_PARAMETERS in msg.content.array_records:
+        return _secure_fit(msg, context)
     config, device, train_data, validation_data = _setup(context)
     net = _received_model(msg, config, device)
     received = task.cpu_state_dict(net) if config.dp == "client" else {}
@@ -158,6 +176,36 @@ def train(msg: Message, context: Context) -> Message:
     if control_delta is not None:
         reply.content["control-delta"] = _parameter_record(net, control_delta)
     return reply
+
+
+def _from_legacy(msg: Message, config: RunConfig) -> list:
+    """Turn a legacy fit or evaluate instruction (what flwr 1.42's SecAgg+ workflow
+    sends) into this app's format in place, so that the same handler serves it;
+    return the received weights as NumPy arrays."""
+    if LEGACY_FIT_PARAMETERS in msg.content.array_records:
+        instruction = legacy.recorddict_to_fitins(msg.content, keep_input=True)
+    else:
+        instruction = legacy.recorddict_to_evaluateins(msg.content, keep_input=True)
+    received = parameters_to_ndarrays(instruction.parameters)
+    names = task.build_model(config.model).state_dict()  # legacy Parameters have no names
+    msg.content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in zip(names, received, strict=True)}),
+        "config": ConfigRecord(instruction.config)})
+    return received
+
+
+def _secure_fit(msg: Message, context: Context) -> Message:
+    """One round under secure aggregation: train as always, then reply with the
+    checked update and its weight as a legacy FitRes, which secaggplus_mod masks."""
+    config = RunConfig.from_mapping(context.run_config)
+    received = _from_legacy(msg, config)
+    trained = train(msg, context).content
+    metrics = dict(trained["metrics"])
+    weight = metrics.get(DP_WEIGHT, metrics["num-examples"])
+    update = masked_update(trained["arrays"].to_numpy_ndarrays(), received, weight,
+                           max_weight(config.dp, config.secagg_max_weight))
+    result = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), int(weight), metrics)
+    return Message(legacy.fitres_to_recorddict(result, keep_input=False), reply_to=msg)
 
 
 def _dp_clipping_norm(msg: Message) -> float:
@@ -471,6 +519,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     each virtual client's the message lists)."""
     if VIRTUAL_CLIENTS in msg.content.config_records:
         return _serve_virtual_clients(msg, context)
+    if LEGACY_EVALUATE_PARAMETERS in msg.content.array_records:  # secure aggregation's
+        _from_legacy(msg, RunConfig.from_mapping(context.run_config))
+        metrics = dict(evaluate(msg, context).content["metrics"])
+        result = EvaluateRes(Status(Code.OK, ""), float(metrics["eval-loss"]),
+                             int(metrics["num-examples"]), metrics)
+        return Message(legacy.evaluateres_to_recorddict(result), reply_to=msg)
     config, device, _, validation_data = _setup(context)
     metrics, _ = _client_evaluation(_received_model(msg, config, device), validation_data,
                                     config)

@@ -181,6 +181,20 @@ class RunConfig:
     dp_max_epsilon: float = _setting(
         0.0, "DP: the run ends cleanly before a round that would take epsilon past this "
         "(0: no cap).", _at_least(0))
+    secure_aggregation: bool = _setting(
+        False, "Run training rounds through Flower's SecAgg+: the server learns only the sum "
+        "of the updates of the nodes that finish a round (see README).")
+    secagg_num_shares: float = _setting(
+        3.0, "SecAgg+: nodes each node shares its secret with, itself included (a count "
+        ">= 3), or a fraction (<= 1) of the round's nodes.", _positive)
+    secagg_reconstruction_threshold: float = _setting(
+        2.0, "SecAgg+: shares needed to rebuild a node's secret (a count >= 2 below "
+        "secagg-num-shares, or a fraction <= 1 of them); a node's neighbours may drop "
+        "out as long as this many of its shares survive.", _positive)
+    secagg_max_weight: float = _setting(
+        50000.0, "SecAgg+: the largest weight (training examples) of any node's update; "
+        "nodes with more refuse the round. Ignored with DP (every client weighs 1).",
+        _positive)
     attack: str = _setting(
         "none", "Simulated attack of the malicious nodes: " + ", ".join(ATTACKS) + " (see "
         "fedcifar_app/attacks.py).", _one_of(ATTACKS))
@@ -269,6 +283,8 @@ class RunConfig:
                             "must be > 0")
         if self.dp != "none":
             problems += self._dp_inconsistencies()
+        if self.secure_aggregation:
+            problems += self._secure_aggregation_inconsistencies()
         if self.virtual_clients and self.min_available_nodes > self.virtual_clients:
             problems.append(f"'min-available-nodes' ({self.min_available_nodes}) counts "
                             "SuperNodes and cannot exceed 'virtual-clients' "
@@ -294,6 +310,35 @@ class RunConfig:
                 f"adaptive clipping: 'dp-noise-multiplier' {self.dp_noise_multiplier:g} "
                 f"must be below 2 x 'dp-clipped-count-stddev' ({2 * count_stddev:g}): the "
                 "noised count alone would spend more privacy than the whole round may")
+        return problems
+
+    def _secure_aggregation_inconsistencies(self) -> list[str]:
+        """What SecAgg+ cannot combine with: the server sees only the sum of updates."""
+        problems = []
+        clashes = [
+            (self.strategy in (*ROBUST_STRATEGIES, "scaffold"),
+             f"'strategy' {self.strategy!r} needs each node's update (or SCAFFOLD's control "
+             "variates, which would travel unmasked); use fedavg, fedprox, fedavgm or fedadam"),
+            (self.dp == "server", "dp='server' clips single updates on the server, which no "
+             "longer sees them: use dp='client'"),
+            (self.dp != "none" and self.dp_clipping == "adaptive",
+             "adaptive clipping needs each client's clipped bit, which would reach the server "
+             "in the clear: use dp-clipping='fixed'"),
+            (self.update_norm_bound > 0, "'update-norm-bound' clips single updates on the "
+             "server; set it to 0 (dp='client' clips on the nodes)"),
+            (self.virtual_clients > 0, "multiplexed mode ('virtual-clients') sends one reply "
+             "per node for many clients; set it to 0")]
+        problems += [f"'secure-aggregation': {message}" for clash, message in clashes if clash]
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        if shares > 1 and (shares != int(shares) or shares < 3):
+            problems.append(f"'secagg-num-shares' {shares:g} must be a fraction <= 1 or a "
+                            "whole number >= 3")
+        if threshold > 1 and threshold != int(threshold):
+            problems.append(f"'secagg-reconstruction-threshold' {threshold:g} must be a "
+                            "fraction <= 1 or a whole number")
+        elif shares > 1 and threshold > 1 and threshold >= shares:
+            problems.append(f"'secagg-reconstruction-threshold' {threshold:g} must be below "
+                            f"'secagg-num-shares' {shares:g}")
         return problems
 
     def is_evaluation_round(self, run_round: int) -> bool:

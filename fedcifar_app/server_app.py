@@ -18,6 +18,7 @@ from fedcifar_app.data import load_split
 from fedcifar_app.results import RunRecorder, load_results
 from fedcifar_app.strategies import (Checkpoint, PrivacyBudgetSpent, RecoveringGrid,
                                      build_strategy, load_checkpoint, strategy_grid)
+from fedcifar_app.strategies.secure import run_secure_aggregation
 from fedcifar_app.task import BatchLoader
 
 app = ServerApp()
@@ -96,18 +97,24 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
 
     # Replaces nodes that fail mid-round, and pulls replies without Flower's 3 s pauses.
-    recovering_grid = RecoveringGrid(grid, config.round_retries,
+    # SecAgg+ cannot take a replacement mid-protocol: it tolerates drop-outs instead.
+    recovering_grid = RecoveringGrid(grid, 0 if config.secure_aggregation
+                                     else config.round_retries,
                                      on_phase_end=strategy.record_phase,
                                      rng=random.Random(config.seed))
+    initial_arrays = ArrayRecord(task.cpu_state_dict(net))
+    num_rounds = config.num_server_rounds - strategy.round_offset
     try:
         strategy.meet_nodes(recovering_grid)
-        final = strategy.start(
-            grid=strategy_grid(config, recovering_grid, strategy),
-            initial_arrays=ArrayRecord(task.cpu_state_dict(net)),
-            num_rounds=config.num_server_rounds - strategy.round_offset,
-            timeout=config.round_timeout,
-            evaluate_fn=evaluate_global_model,
-        ).arrays
+        if config.secure_aggregation:
+            final = run_secure_aggregation(recovering_grid, context, config, strategy,
+                                           initial_arrays, evaluate_global_model, num_rounds)
+        else:
+            final = strategy.start(
+                grid=strategy_grid(config, recovering_grid, strategy),
+                initial_arrays=initial_arrays, num_rounds=num_rounds,
+                timeout=config.round_timeout, evaluate_fn=evaluate_global_model,
+            ).arrays
     except PrivacyBudgetSpent as spent:  # a clean end: the model of the last round run
         log(INFO, "[fedcifar] privacy budget: %s", spent)
         recorder.extra["stopped"] = str(spent)

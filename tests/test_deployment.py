@@ -56,7 +56,8 @@ def run_config(tiny_dataset: Path, tmp_path: Path, **values: object) -> str:
                 "output-dir": str(tmp_path / "out"), "num-server-rounds": 2,
                 "fraction-train": 1.0, "fraction-evaluate": 1.0, "local-epochs": 1,
                 **values}
-    return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+    return " ".join(f"{k}={v!r}" if isinstance(v, str)
+                    else f"{k}={str(v).lower()}" if isinstance(v, bool) else f"{k}={v}"
                     for k, v in settings.items())
 
 
@@ -140,10 +141,11 @@ def test_tls_with_supernode_auth_completes_and_refuses_unknown_keys(
     assert all(e["train_replies"] == 2 for e in results["entries"][1:])
 
 
-def training_node(federation: launcher.Federation) -> int | None:
-    """The index of the SuperNode that is running a ClientApp now, if any: a
-    flwr-clientapp process below it, or the warm server's shim standing in for one."""
+def clientapps(federation: launcher.Federation) -> dict[int, int]:
+    """ClientApps running now: process ID -> index of its SuperNode (a flwr-clientapp
+    process below the SuperNode, or the warm server's shim standing in for one)."""
     markers = (b"flwr-clientapp", f"{warm_clientapp.MODULE}\0run".encode())
+    running = {}
     for index, pid in enumerate(federation.supernode_pids):
         for child in descendants(pid):
             try:
@@ -151,8 +153,13 @@ def training_node(federation: launcher.Federation) -> int | None:
             except OSError:
                 continue
             if any(marker in command for marker in markers):
-                return index
-    return None
+                running[child] = index
+    return running
+
+
+def training_node(federation: launcher.Federation) -> int | None:
+    """The index of the SuperNode that is running a ClientApp now, if any."""
+    return next(iter(clientapps(federation).values()), None)
 
 
 def start_run(federation: launcher.Federation, config: str) -> subprocess.Popen:
@@ -280,3 +287,39 @@ def test_too_few_nodes_fail_within_the_wait(deploy, tiny_dataset: Path,
     assert time.monotonic() - started < 60
     (run_dir,) = (tmp_path / "out").glob("flwr-run-*")
     assert load_results(run_dir)["status"] == "failed"
+
+
+def test_secure_aggregation_completes_when_a_node_drops_after_the_key_exchange(
+        deploy, tiny_dataset: Path, tmp_path: Path) -> None:
+    """SecAgg+ across 3 SuperNodes (separate processes, own data) with 3 shares and a
+    reconstruction threshold of 2: one node is SIGKILLed while it trains, after the
+    key exchange. Its neighbours' shares remove its masks, the round releases the
+    other two nodes' mean, and the next round runs on the two that are left."""
+    federation = deploy(3)
+    wait_for(lambda: online_nodes(federation.name) == 3, 30, "3 SuperNodes online")
+    config = run_config(tiny_dataset, tmp_path, **{
+        "secure-aggregation": True, "secagg-max-weight": 200.0, "num-server-rounds": 2,
+        "fraction-evaluate": 0.0, "min-available-nodes": 2, "round-timeout": 120.0,
+        # Local training of tens of seconds; the key exchange's ClientApps take ~1 s.
+        "local-epochs": 1500})
+    run = start_run(federation, config)
+    try:
+        wait_for(lambda: any(tmp_path.glob("out/flwr-run-*/results.json")), 120,
+                 "the run to start")
+
+        def training_for_a_while() -> bool:  # the same ClientApp still there 8 s later
+            before = clientapps(federation)
+            time.sleep(8)
+            return bool(set(before) & set(clientapps(federation)))
+
+        wait_for(training_for_a_while, 120, "a node to train (after the key exchange)")
+        victim = next(index for pid, index in clientapps(federation).items())
+        launcher.stop_process_tree(federation.supernode_pids[victim],
+                                   first_signal=signal.SIGKILL)
+    finally:
+        output, status = finish(run, federation)
+    assert status["status"] == "finished:completed", output
+    (run_dir,) = (tmp_path / "out").glob("flwr-run-*")
+    rounds = load_results(run_dir)["entries"][1:]
+    assert [(e["train_replies"], e["train_failures"]) for e in rounds] == [(2, 1), (2, 0)]
+    assert all(e["test_accuracy"] > 0 for e in rounds)

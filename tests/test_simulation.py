@@ -186,3 +186,21 @@ def test_a_private_run_reports_epsilon_and_stops_at_its_budget(
     assert entries[1]["dp_clipping_norm"] == 0.5
     assert entries[2]["dp_clipping_norm"] != 0.5
     assert (run_dir / FINAL_MODEL_FILE).exists()
+
+
+def test_a_secure_aggregation_run_completes(local_simulation: dict[str, str],
+                                            tiny_dataset: Path, tmp_path: Path) -> None:
+    """SecAgg+ in simulation: each round's key exchange, masked updates and unmasking
+    run through the simulation engine (every node in its own Ray worker), with
+    federated evaluation answered in the legacy format, and the usual outputs."""
+    run_dir = completed_run(
+        local_simulation, tiny_dataset, tmp_path,
+        "secure-aggregation=true secagg-max-weight=200.0 num-server-rounds=2 "
+        "fraction-train=1.0 fraction-evaluate=1.0 min-available-nodes=3 local-epochs=1")
+    results = load_results(run_dir)
+    assert results["status"] == "completed"
+    rounds = [e for e in results["entries"] if e["round"] > 0]
+    assert [(e["train_replies"], e["train_failures"], e["evaluate_replies"]) for e in rounds] \
+        == [(3, 0, 3), (3, 0, 3)]
+    assert rounds[-1]["test_accuracy"] > 0
+    assert (run_dir / FINAL_MODEL_FILE).exists()
