@@ -9,7 +9,9 @@
   bounding for every strategy;
 * ``multiplex``: ``MultiplexingGrid``, many virtual clients per SuperNode
   (``virtual-clients``);
-* ``privacy``: user-level differential privacy (DP-FedAvg) and its accounting.
+* ``privacy``: user-level differential privacy (DP-FedAvg) and its accounting;
+* ``secure``: training rounds through Flower's SecAgg+ (``secure-aggregation``), a
+  bridge from its legacy workflow to the run's strategy.
 """
 
 from __future__ import annotations
