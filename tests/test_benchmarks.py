@@ -204,3 +204,15 @@ def test_privacy(local_simulation: dict[str, str], tiny_dataset: Path, tmp_path:
     benchmark("figures", local_simulation, "--results", str(tmp_path / "results"),
               "--out", str(figures))
     assert (figures / "privacy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_secure_aggregation(local_simulation: dict[str, str], tiny_dataset: Path,
+                            tmp_path: Path) -> None:
+    stdout = benchmark("secure_aggregation", local_simulation,
+                       *data_args(tiny_dataset, tmp_path), "--nodes", "3", "--rounds", "2")
+    runs = json.loads((tmp_path / "results" / "secure_aggregation.json").read_text())["runs"]
+    assert set(runs) == {"3 nodes, plain", "3 nodes, SecAgg+"}
+    for run_report in runs.values():
+        assert run_report["status"] == "completed" and run_report["train_replies"] == [3, 3]
+        assert run_report["median_round_s"] > 0
+    assert "SecAgg+ s/round" in stdout

@@ -293,12 +293,12 @@ def test_secure_aggregation_completes_when_a_node_drops_after_the_key_exchange(
         deploy, tiny_dataset: Path, tmp_path: Path) -> None:
     """SecAgg+ across 3 SuperNodes (separate processes, own data) with 3 shares and a
     reconstruction threshold of 2: one node is SIGKILLed while it trains, after the
-    key exchange. Its neighbours' shares remove its masks, the round releases the
-    other two nodes' mean, and the next round runs on the two that are left."""
+    key exchange. Its neighbours' shares remove its masks, and the round releases the
+    other two nodes' mean."""
     federation = deploy(3)
     wait_for(lambda: online_nodes(federation.name) == 3, 30, "3 SuperNodes online")
     config = run_config(tiny_dataset, tmp_path, **{
-        "secure-aggregation": True, "secagg-max-weight": 200.0, "num-server-rounds": 2,
+        "secure-aggregation": True, "secagg-max-weight": 200.0, "num-server-rounds": 1,
         "fraction-evaluate": 0.0, "min-available-nodes": 2, "round-timeout": 120.0,
         # Local training of tens of seconds; the key exchange's ClientApps take ~1 s.
         "local-epochs": 1500})
@@ -321,5 +321,5 @@ def test_secure_aggregation_completes_when_a_node_drops_after_the_key_exchange(
     assert status["status"] == "finished:completed", output
     (run_dir,) = (tmp_path / "out").glob("flwr-run-*")
     rounds = load_results(run_dir)["entries"][1:]
-    assert [(e["train_replies"], e["train_failures"]) for e in rounds] == [(2, 1), (2, 0)]
-    assert all(e["test_accuracy"] > 0 for e in rounds)
+    assert [(e["train_replies"], e["train_failures"]) for e in rounds] == [(2, 1)]
+    assert rounds[0]["test_accuracy"] > 0
