@@ -18,6 +18,7 @@ from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType, 
                       RecordDict)
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import (Array, Code, EvaluateRes, FitRes, Status, log, ndarrays_to_parameters,
                          parameters_to_ndarrays)
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
@@ -144,7 +145,8 @@ def _reply(msg: Message, metrics: dict, net: torch.nn.Module | None = None) -> M
     return Message(content=content, reply_to=msg)
 
 
-def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message:  # noqa: ANN001
+def secure_aggregation_mod(msg: Message, context: Context,
+                           call_next: ClientAppCallable) -> Message:
     """SecAgg+'s protocol messages go through Flower's secaggplus_mod (key exchange,
     masking, unmasking; it calls the train handler once per round, for the update it
     masks); every other message passes untouched."""

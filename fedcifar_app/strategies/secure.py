@@ -31,12 +31,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
-from flwr.app import RecordDict
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord,
+                      RecordDict)
 from flwr.common import (EvaluateIns, FitIns, Parameters, ndarrays_to_parameters,
                          parameters_to_ndarrays)
 from flwr.common.constant import ErrorCode
-from flwr.server import LegacyContext, ServerConfig
+from flwr.server import ClientManager, LegacyContext, ServerConfig
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
@@ -44,7 +44,7 @@ from flwr.serverapp import Grid
 
 from fedcifar_app.config import RunConfig
 from fedcifar_app.secure_updates import CLIPPING_RANGE, max_weight
-from fedcifar_app.strategies.safeguards import RunFailedError
+from fedcifar_app.strategies.safeguards import RunFailedError, SafeguardsMixin
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -52,7 +52,7 @@ EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 class SecureAggregationBridge(LegacyStrategy):
     """The legacy strategy SecAgg+'s workflow drives, over the run's strategy."""
 
-    def __init__(self, strategy, grid: Grid, initial_arrays: ArrayRecord,  # noqa: ANN001
+    def __init__(self, strategy: SafeguardsMixin, grid: Grid, initial_arrays: ArrayRecord,
                  evaluate_fn: EvaluateFn) -> None:
         self.strategy = strategy
         self.grid = grid
@@ -61,11 +61,11 @@ class SecureAggregationBridge(LegacyStrategy):
         self.aggregated_round = 0
         self._instructions: dict[int, Message] = {}
 
-    def initialize_parameters(self, client_manager) -> Parameters:  # noqa: ANN001
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters:
         return ndarrays_to_parameters(self.global_arrays.to_numpy_ndarrays())
 
     def configure_fit(self, server_round: int, parameters: Parameters,
-                      client_manager) -> list:  # noqa: ANN001
+                      client_manager: ClientManager) -> list:
         instructions = list(self.strategy.configure_train(
             server_round, self.global_arrays, ConfigRecord(), self.grid))
         if not instructions and self.strategy.ledger is not None:
@@ -95,7 +95,7 @@ class SecureAggregationBridge(LegacyStrategy):
         return None if metrics is None else (float(metrics["test-loss"]), dict(metrics))
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
-                           client_manager) -> list:  # noqa: ANN001
+                           client_manager: ClientManager) -> list:
         instructions = list(self.strategy.configure_evaluate(
             server_round, self.global_arrays, ConfigRecord(), self.grid))
         return self._legacy(instructions, EvaluateIns, parameters, client_manager)
@@ -110,7 +110,7 @@ class SecureAggregationBridge(LegacyStrategy):
         return metrics.get("eval-loss"), metrics
 
     def _legacy(self, instructions: list[Message], kind: type, parameters: Parameters,
-                client_manager) -> list:  # noqa: ANN001
+                client_manager: ClientManager) -> list:
         """The strategy's instructions as legacy (proxy, FitIns or EvaluateIns) pairs."""
         self._instructions = {m.metadata.dst_node_id: m for m in instructions}
         proxies = {proxy.node_id: proxy for proxy in client_manager.all().values()}
@@ -135,9 +135,9 @@ def _count_or_fraction(value: float) -> int | float:
     return int(value) if value > 1 else float(value)
 
 
-def run_secure_aggregation(grid: Grid, context: Context, config: RunConfig, strategy,  # noqa: ANN001
-                           initial_arrays: ArrayRecord, evaluate_fn: EvaluateFn,
-                           num_rounds: int) -> ArrayRecord:
+def run_secure_aggregation(grid: Grid, context: Context, config: RunConfig,
+                           strategy: SafeguardsMixin, initial_arrays: ArrayRecord,
+                           evaluate_fn: EvaluateFn, num_rounds: int) -> ArrayRecord:
     """Run ``num_rounds`` rounds whose training goes through SecAgg+; return the final
     global model."""
     bridge = SecureAggregationBridge(strategy, grid, initial_arrays, evaluate_fn)
