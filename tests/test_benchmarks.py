@@ -209,9 +209,10 @@ def test_privacy(local_simulation: dict[str, str], tiny_dataset: Path, tmp_path:
 def test_secure_aggregation(local_simulation: dict[str, str], tiny_dataset: Path,
                             tmp_path: Path) -> None:
     stdout = benchmark("secure_aggregation", local_simulation,
-                       *data_args(tiny_dataset, tmp_path), "--nodes", "3", "--rounds", "2")
+                       *data_args(tiny_dataset, tmp_path), "--nodes", "3", "--rounds", "2",
+                       "--repeats", "1")
     runs = json.loads((tmp_path / "results" / "secure_aggregation.json").read_text())["runs"]
-    assert set(runs) == {"3 nodes, plain", "3 nodes, SecAgg+"}
+    assert set(runs) == {"3 nodes, plain, repeat 1", "3 nodes, SecAgg+, repeat 1"}
     for run_report in runs.values():
         assert run_report["status"] == "completed" and run_report["train_replies"] == [3, 3]
         assert run_report["median_round_s"] > 0
