@@ -84,22 +84,31 @@ def niid_figure(report: dict, path: Path) -> None:
 
 
 def robustness_figure(report: dict, path: Path) -> None:
-    """Heat maps of final test accuracy: attacks (rows) against defences (columns)."""
+    """Heat maps of final test accuracy: attacks (rows) against defences (columns), one
+    colour scale up to the best cell; runs that diverged are grey."""
     splits = list(report["cells"])
-    fig, axes = plt.subplots(1, len(splits), figsize=(6.5 * len(splits), 4.5), squeeze=False)
-    for ax, split in zip(axes[0], splits):
+    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.5), squeeze=False,
+                             sharey=True)
+    grids = {}
+    for split in splits:
         rows = report["cells"][split]
-        attacks = list(rows)
         defences = list(dict.fromkeys(d for row in rows.values() for d in row))
-        grid = np.array([[100 * (rows[a].get(d, {}).get("final_accuracy") or np.nan)
-                          for d in defences] for a in attacks])
-        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100)
+        grids[split] = (list(rows), defences, np.array(
+            [[100 * (rows[a].get(d, {}).get("final_accuracy") or np.nan) for d in defences]
+             for a in rows]))
+    top = max(np.nanmax(grid) for _, _, grid in grids.values())
+    colours = plt.get_cmap("viridis").copy()
+    colours.set_bad("lightgrey")
+    for ax, split in zip(axes[0], splits):
+        attacks, defences, grid = grids[split]
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=colours, vmin=0, vmax=top)
         for (i, j), value in np.ndenumerate(grid):
-            failed = rows[attacks[i]].get(defences[j], {}).get("status") == "failed"
-            if failed or not np.isnan(value):
-                ax.text(j, i, "failed" if failed else f"{value:.0f}", ha="center",
-                        va="center", color="white" if failed or value < 50 else "black",
-                        fontsize=8 if failed else None)
+            status = report["cells"][split][attacks[i]].get(defences[j], {}).get("status")
+            if status == "failed":
+                ax.text(j, i, "diverged", ha="center", va="center", fontsize=8)
+            elif not np.isnan(value):
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=9,
+                        color="white" if value < 0.6 * top else "black")
         ax.set_xticks(range(len(defences)), defences, rotation=30, ha="right")
         ax.set_yticks(range(len(attacks)), attacks)
         ax.set_title(f"{split}: final test accuracy (%)")
