@@ -210,6 +210,16 @@ def _secure_fit(msg: Message, context: Context) -> Message:
     return Message(legacy.fitres_to_recorddict(result, keep_input=False), reply_to=msg)
 
 
+def _secure_evaluate(msg: Message, context: Context) -> Message:
+    """Evaluation under secure aggregation (not masked; the workflow is legacy): the
+    same handler, its metrics as a legacy EvaluateRes."""
+    _from_legacy(msg, RunConfig.from_mapping(context.run_config))
+    metrics = dict(evaluate(msg, context).content["metrics"])
+    result = EvaluateRes(Status(Code.OK, ""), float(metrics["eval-loss"]),
+                         int(metrics["num-examples"]), metrics)
+    return Message(legacy.evaluateres_to_recorddict(result), reply_to=msg)
+
+
 def _dp_clipping_norm(msg: Message) -> float:
     """The round's DP clipping norm, which the server sends (adaptive clipping moves it)."""
     return float(msg.content["config"]["dp-clipping-norm"])
@@ -521,12 +531,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     each virtual client's the message lists)."""
     if VIRTUAL_CLIENTS in msg.content.config_records:
         return _serve_virtual_clients(msg, context)
-    if LEGACY_EVALUATE_PARAMETERS in msg.content.array_records:  # secure aggregation's
-        _from_legacy(msg, RunConfig.from_mapping(context.run_config))
-        metrics = dict(evaluate(msg, context).content["metrics"])
-        result = EvaluateRes(Status(Code.OK, ""), float(metrics["eval-loss"]),
-                             int(metrics["num-examples"]), metrics)
-        return Message(legacy.evaluateres_to_recorddict(result), reply_to=msg)
+    if LEGACY_EVALUATE_PARAMETERS in msg.content.array_records:
+        return _secure_evaluate(msg, context)
     config, device, _, validation_data = _setup(context)
     metrics, _ = _client_evaluation(_received_model(msg, config, device), validation_data,
                                     config)
