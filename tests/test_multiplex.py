@@ -56,6 +56,18 @@ class InProcessGrid:
         return replies
 
 
+def start_in_process(tmp_path: Path, run_config: dict, grid: InProcessGrid) -> tuple:
+    """(config, recorder, strategy) of a run on ``grid`` writing into ``tmp_path``, its
+    nodes met and torch seeded as the ServerApp does before the first round."""
+    config = RunConfig.from_mapping(run_config)
+    recorder = RunRecorder(tmp_path, kind="federated", unit="round",
+                           run_config=config.to_dict())
+    strategy = build_strategy(config, recorder)
+    strategy.meet_nodes(grid)
+    torch.manual_seed(config.seed)
+    return config, recorder, strategy
+
+
 def run_rounds(tmp_path: Path, tiny_dataset: Path, nodes: int, rounds: int = 3,
                failing: tuple[int, ...] = (), **overrides: object) -> tuple[dict, dict]:
     """Run ``rounds`` rounds; return (final model, results.json)."""
@@ -63,13 +75,8 @@ def run_rounds(tmp_path: Path, tiny_dataset: Path, nodes: int, rounds: int = 3,
                   "fraction-train": 0.5, "fraction-evaluate": 0.5, "local-epochs": 1,
                   "batch-size": 16, "min-available-nodes": 1, "seed": 5, "serving-nodes": 2,
                   **overrides}
-    config = RunConfig.from_mapping(run_config)
-    recorder = RunRecorder(tmp_path, kind="federated", unit="round",
-                           run_config=config.to_dict())
-    strategy = build_strategy(config, recorder)
     grid = InProcessGrid(nodes, run_config, failing)
-    strategy.meet_nodes(grid)
-    torch.manual_seed(config.seed)
+    config, recorder, strategy = start_in_process(tmp_path, run_config, grid)
     result = strategy.start(grid=strategy_grid(config, grid, strategy),
                             initial_arrays=ArrayRecord(task.Net().state_dict()),
                             num_rounds=rounds, timeout=60)

@@ -19,12 +19,11 @@ from flwr.common.constant import ErrorCode
 
 from fedcifar_app import task
 from fedcifar_app.config import ConfigError, RunConfig
-from fedcifar_app.results import RunRecorder, load_results
+from fedcifar_app.results import load_results
 from fedcifar_app.secure_updates import LEGACY_FIT_PARAMETERS, masked_update
-from fedcifar_app.strategies import build_strategy
 from fedcifar_app.strategies.safeguards import RunFailedError
 from fedcifar_app.strategies.secure import run_secure_aggregation
-from tests.test_multiplex import InProcessGrid, round_entries
+from tests.test_multiplex import InProcessGrid, round_entries, start_in_process
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
@@ -67,13 +66,8 @@ def run_rounds(tmp_path: Path, tiny_dataset: Path, secure: bool, rounds: int = 1
                   "fraction-train": 1.0, "fraction-evaluate": 0.5, "local-epochs": 1,
                   "batch-size": 16, "min-available-nodes": 1, "seed": 5,
                   "secure-aggregation": secure, "secagg-max-weight": 100.0, **overrides}
-    config = RunConfig.from_mapping(run_config)
-    recorder = RunRecorder(tmp_path, kind="federated", unit="round",
-                           run_config=config.to_dict())
-    strategy = build_strategy(config, recorder)
     grid = DroppingGrid(NODES, run_config, dropping)
-    strategy.meet_nodes(grid)
-    torch.manual_seed(config.seed)
+    config, recorder, strategy = start_in_process(tmp_path, run_config, grid)
     initial = ArrayRecord(task.Net().state_dict())
     if secure:
         context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord,
                       RecordDict)
 from flwr.common import (EvaluateIns, FitIns, Parameters, ndarrays_to_parameters,
@@ -74,21 +73,19 @@ class SecureAggregationBridge(LegacyStrategy):
         return self._legacy(instructions, FitIns, parameters, client_manager)
 
     def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple:
-        finished = {proxy.node_id: fit_result for proxy, fit_result in results}
-        model = None
+        contents = {}
         if results:  # every result holds the same secure mean of the updates
             mean_update = parameters_to_ndarrays(results[0][1].parameters)
+            starts = self.global_arrays.to_numpy_ndarrays()
             model = ArrayRecord({
-                name: Array(np.asarray(start + update).astype(start.dtype, copy=False))
-                for (name, start), update in zip(
-                    zip(self.global_arrays, self.global_arrays.to_numpy_ndarrays()),
-                    mean_update, strict=True)})
-        replies = [
-            Message(RecordDict({"arrays": model, "metrics": MetricRecord(
-                finished[node].metrics)}), reply_to=instruction) if node in finished
-            else _dropped(instruction) for node, instruction in self._instructions.items()]
-        return self._aggregated(server_round,
-                                self.strategy.aggregate_train(server_round, replies))
+                name: Array((start + update).astype(start.dtype, copy=False))
+                for name, start, update in zip(self.global_arrays, starts, mean_update,
+                                               strict=True)})
+            contents = {proxy.node_id: RecordDict({
+                "arrays": model, "metrics": MetricRecord(fit_result.metrics)})
+                for proxy, fit_result in results}
+        return self._aggregated(server_round, self.strategy.aggregate_train(
+            server_round, self._replies(contents)))
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple | None:
         metrics = self.evaluate_fn(server_round, self.global_arrays)
@@ -101,13 +98,17 @@ class SecureAggregationBridge(LegacyStrategy):
         return self._legacy(instructions, EvaluateIns, parameters, client_manager)
 
     def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple:
-        finished = {proxy.node_id: evaluate_result for proxy, evaluate_result in results}
-        replies = [
-            Message(RecordDict({"metrics": MetricRecord(finished[node].metrics)}),
-                    reply_to=instruction) if node in finished else _dropped(instruction)
-            for node, instruction in self._instructions.items()]
-        metrics = dict(self.strategy.aggregate_evaluate(server_round, replies) or {})
+        contents = {proxy.node_id: RecordDict({"metrics": MetricRecord(evaluate_result.metrics)})
+                    for proxy, evaluate_result in results}
+        metrics = dict(self.strategy.aggregate_evaluate(
+            server_round, self._replies(contents)) or {})
         return metrics.get("eval-loss"), metrics
+
+    def _replies(self, contents: dict[int, RecordDict]) -> list[Message]:
+        """The phase's replies as the strategy expects them, one per instruction: the
+        content from the node's result, or an error for a node that dropped out."""
+        return [Message(contents[node], reply_to=instruction) if node in contents
+                else _dropped(instruction) for node, instruction in self._instructions.items()]
 
     def _legacy(self, instructions: list[Message], kind: type, parameters: Parameters,
                 client_manager: ClientManager) -> list:
