@@ -1,22 +1,24 @@
 """Deployment against simulation: the same run config, side by side in one run.
 
     python benchmarks/deployment.py --dataset /abs/path/to/cifar10 [--nodes 3] [--rounds 5]
-        [--run-config "evaluate-in-train=true"]
+        [--run-config "evaluate-in-train=true"] [--deployments cold-stock warm-stock warm-fast]
 
-Runs the default config for --rounds rounds (plus --run-config) three times: as a
-simulation with --nodes virtual SuperNodes (one CPU each), and as a real loopback
-deployment (``fedcifar_app.federation up --nodes N --tls --auth --data DATASET``:
-one SuperLink, N SuperNodes, each with its own data folder and one torch thread,
-as in the simulation), once with a fresh flwr-clientapp process per message, as
-Flower runs it ("cold", ``--cold-clientapps``), and once forked from the warm
-server ("warm", the launcher's default). Before each deployment, every node's
-folder is decoded into the cache, so no round pays for decoding. Reports the
-steady seconds per round (median of rounds 2 on) of each, their ratio to the
-simulation, test accuracy after the last round, and where a cold deployment
-round's time goes: the clients' training, the server's test-set evaluation, the
-start of a ClientApp process per phase (Python, flwr-clientapp and app imports,
-measured here), and the rest (messaging, the SuperNode's 3 s pause after an
-empty pull). Results go to deployment.json under --out.
+Runs the default config for --rounds rounds (plus --run-config) as a simulation
+with --nodes virtual SuperNodes (one CPU each), then as a real loopback deployment
+(``fedcifar_app.federation up --nodes N --tls --auth --data DATASET``: one
+SuperLink, N SuperNodes, each with its own data folder and one torch thread, as in
+the simulation) in up to three ways: ``cold-stock``, as Flower runs it (a fresh
+flwr-clientapp process per message and ``flower-supernode`` with its 3 s pause after
+an empty pull: ``--cold-clientapps --stock-supernodes``); ``warm-stock``, with
+ClientApps forked from the warm server; ``warm-fast``, with warm ClientApps and
+``fedcifar_app.fast_supernode`` (the launcher's default). Before each deployment,
+every node's folder is decoded into the cache, so no round pays for decoding.
+Reports the steady seconds per round (median of rounds 2 on) of each, their ratio to
+the simulation, test accuracy after the last round, and (with cold-stock) where a
+round of Flower's defaults goes: the clients' training, the server's test-set
+evaluation, the start of a ClientApp process per phase (Python, flwr-clientapp and
+app imports, measured here), and the rest (messaging, the SuperNode's pauses).
+Results go to deployment.json under --out.
 """
 
 from __future__ import annotations
@@ -62,11 +64,22 @@ def clientapp_start_s(repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def run_deployment(args: argparse.Namespace, run_config: str, warm: bool) -> dict:
+# --deployments choice: (warm ClientApps, fast SuperNodes)
+DEPLOYMENTS = {"cold-stock": (False, False), "warm-stock": (True, False),
+               "warm-fast": (True, True)}
+COLD = "cold-stock"
+
+
+def deployment_name(choice: str) -> str:
+    return f"deployment ({choice.replace('-', ', ')})"
+
+
+def run_deployment(args: argparse.Namespace, run_config: str, warm: bool, fast: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="fedcifar-bench-flwr-") as home:
         os.environ["FLWR_HOME"] = home  # the launcher and flwr read it
         started = federation.up(args.nodes, tls=True, auth=True,
-                                data=Path(args.dataset).resolve(), warm_clientapps=warm)
+                                data=Path(args.dataset).resolve(), warm_clientapps=warm,
+                                fast_supernodes=fast)
         try:
             config = RunConfig.from_mapping({})
             for folder in started.node_data:  # decode now, not inside a round
@@ -79,11 +92,26 @@ def run_deployment(args: argparse.Namespace, run_config: str, warm: bool) -> dic
     return {"wall_s": wall, **round_times(run_dir)}
 
 
+def breakdown(cold: dict) -> dict[str, float]:
+    """Where a deployment round of Flower's defaults goes, in seconds (medians)."""
+    config = RunConfig.from_mapping(load(Path(cold["run_dir"]) / "results.json")["run_config"])
+    phases = 1 if config.evaluate_in_train or config.fraction_evaluate == 0 else 2
+    start_s = phases * clientapp_start_s()
+    return {"client training": cold["client_train_s"],
+            "server test-set evaluation": cold["server_eval_s"],
+            f"ClientApp process start and imports ({phases} per round)": start_s,
+            "messaging and polling (the rest)": cold["steady_round_s"]
+            - cold["client_train_s"] - cold["server_eval_s"] - start_s}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_arguments(parser)
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--deployments", nargs="+", choices=list(DEPLOYMENTS),
+                        default=list(DEPLOYMENTS), help="which deployments to run "
+                        "(default all; the breakdown needs cold-stock)")
     parser.add_argument("--run-config", default="",
                         help="extra run-config overrides for both runs")
     args = parser.parse_args()
@@ -96,33 +124,27 @@ def main() -> None:
         run_config, f"num-supernodes={args.nodes} client-resources-num-cpus=1")
     simulation = {"wall_s": wall, **round_times(run_dir)}
     runs = {"simulation": simulation}
-    for kind in ("cold", "warm"):
-        print(f"deployment, {kind} ClientApps ...", flush=True)
-        runs[f"deployment ({kind})"] = run_deployment(args, run_config, warm=kind == "warm")
-    cold = runs["deployment (cold)"]
-    config = RunConfig.from_mapping(load(Path(cold["run_dir"]) / "results.json")["run_config"])
-    phases = 1 if config.evaluate_in_train or config.fraction_evaluate == 0 else 2
-    start_s = phases * clientapp_start_s()
+    for choice in args.deployments:
+        warm, fast = DEPLOYMENTS[choice]
+        print(f"{deployment_name(choice)} ...", flush=True)
+        runs[deployment_name(choice)] = run_deployment(args, run_config, warm, fast)
     report = {"machine": machine(), "command": " ".join(sys.argv), "run_config": run_config,
               "runs": runs,
               "ratio": {name: run["steady_round_s"] / simulation["steady_round_s"]
-                        for name, run in runs.items() if name != "simulation"},
-              "cold_deployment_breakdown_s": {
-                  "client training": cold["client_train_s"],
-                  "server test-set evaluation": cold["server_eval_s"],
-                  f"ClientApp process start and imports ({phases} per round)": start_s,
-                  "messaging and polling (the rest)": cold["steady_round_s"]
-                  - cold["client_train_s"] - cold["server_eval_s"] - start_s}}
+                        for name, run in runs.items() if name != "simulation"}}
+    if COLD in args.deployments:
+        report["cold_deployment_breakdown_s"] = breakdown(runs[deployment_name(COLD)])
     save(out / "deployment.json", report)
     for name, run in runs.items():
-        print(f"{name:>18}: {run['steady_round_s']:.2f} s/round (rounds "
+        print(f"{name:>24}: {run['steady_round_s']:.2f} s/round (rounds "
               f"{', '.join(f'{s:.1f}' for s in run['round_s'])}), "
               f"accuracy {100 * run['final_accuracy']:.2f} %, wall {run['wall_s']:.1f} s")
     for name, ratio in report["ratio"].items():
         print(f"ratio {name} / simulation: {ratio:.2f}")
-    print("a cold deployment round:")
-    for part, seconds in report["cold_deployment_breakdown_s"].items():
-        print(f"  {part}: {seconds:.2f} s")
+    if "cold_deployment_breakdown_s" in report:
+        print("a cold deployment round:")
+        for part, seconds in report["cold_deployment_breakdown_s"].items():
+            print(f"  {part}: {seconds:.2f} s")
     print(f"written to {out / 'deployment.json'}")
 
 

@@ -15,7 +15,9 @@ its own data folder (a split of DIR/train.parquet, as real sites hold their own
 data) passed as ``--node-config "data-path='...'"``; without it, nodes get
 ``partition-id``/``num-partitions`` of the run's ``dataset``. Unless
 ``--cold-clientapps``, the SuperNodes fork their ClientApps from one warm server
-(``fedcifar_app.warm_clientapp``). ``restart_superlink`` and ``restart_supernode``
+(``fedcifar_app.warm_clientapp``), and unless ``--stock-supernodes`` the SuperNodes
+are Flower's with its pauses between pulls cut to 0.25 s (``fedcifar_app.fast_supernode``).
+``restart_superlink`` and ``restart_supernode``
 stop a process (as a crash would, or gracefully) and start it with the same command.
 """
 
@@ -40,7 +42,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fedcifar_app import warm_clientapp
+from fedcifar_app import fast_supernode, warm_clientapp
 from fedcifar_app.local_simulation import is_alive, stop_process_tree
 
 DEFAULT_NAME = "local-deployment"
@@ -48,7 +50,13 @@ STATE_FILE = "federation.json"
 STARTUP_TIMEOUT = 30.0
 # The SuperExec that every SuperLink and SuperNode starts looks for new tasks (a
 # ServerApp, a ClientApp message) every second by default: every message waits for it.
-SUPEREXEC_POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
+# A message's objects (one per array) travel two requests at a time by default; 16 at
+# a time move a model in one round trip (each request is TLS and, with SuperNode
+# authentication, signed).
+FAST_ROUNDS_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25",
+                   "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "16",
+                   "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "16"}
+FAST_SUPERNODE = fast_supernode.__name__
 
 
 def flwr_home() -> Path:
@@ -85,6 +93,8 @@ class Federation:
     # One warm flwr-clientapp server (fedcifar_app.warm_clientapp) for all SuperNodes.
     warm_clientapps: bool = True
     warm_server_pid: int = 0
+    # flower-supernode with its 3 s pause after an empty pull cut (fedcifar_app.fast_supernode).
+    fast_supernodes: bool = True
 
     @property
     def warm_socket(self) -> Path:
@@ -184,7 +194,7 @@ def _start(command: list[str], log_file: Path, env: dict[str, str] | None = None
     with open(log_file, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                   env={**os.environ, **SUPEREXEC_POLL_ENV, **(env or {})})
+                                   env={**os.environ, **FAST_ROUNDS_ENV, **(env or {})})
     return process.pid
 
 
@@ -256,7 +266,8 @@ def remove_connection(name: str) -> None:
 # ---------------------------------------------------------------- up, down
 
 def up(nodes: int, name: str = DEFAULT_NAME, tls: bool = False, auth: bool = False,
-       data: Path | None = None, seed: int = 42, warm_clientapps: bool = True) -> Federation:
+       data: Path | None = None, seed: int = 42, warm_clientapps: bool = True,
+       fast_supernodes: bool = True) -> Federation:
     """Start a SuperLink and ``nodes`` SuperNodes; return what was started."""
     directory = state_dir(name)
     if (directory / STATE_FILE).exists():
@@ -264,7 +275,8 @@ def up(nodes: int, name: str = DEFAULT_NAME, tls: bool = False, auth: bool = Fal
                            f"stop it with: python -m fedcifar_app.federation down --name {name}")
     directory.mkdir(parents=True, exist_ok=True)
     federation = Federation(name=name, directory=str(directory), superlink_port=free_port(),
-                            nodes=nodes, tls=tls, auth=auth, warm_clientapps=warm_clientapps)
+                            nodes=nodes, tls=tls, auth=auth, warm_clientapps=warm_clientapps,
+                            fast_supernodes=fast_supernodes)
     federation.save()  # from here on, `down` can clean up whatever was started
     try:
         _start_superlink(federation)
@@ -351,7 +363,9 @@ def add_supernode(federation: Federation, register: bool = True) -> int:
     else:
         node_config = f"partition-id={node % num_partitions} num-partitions={num_partitions}"
     threads = max(1, (os.cpu_count() or 1) // num_partitions)
-    command = ["flower-supernode", "--superlink", federation.address,
+    program = ([sys.executable, "-m", FAST_SUPERNODE] if federation.fast_supernodes
+               else ["flower-supernode"])
+    command = [*program, "--superlink", federation.address,
                "--port", str(free_port()),
                "--node-config", f"{node_config} torch-threads={threads}"]
     if federation.tls:
@@ -394,7 +408,8 @@ def _is_ours(pid: int) -> bool:
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"flower-super" in command or warm_clientapp.MODULE.encode() in command
+    return any(name.encode() in command
+               for name in ("flower-super", FAST_SUPERNODE, warm_clientapp.MODULE))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -412,6 +427,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     start.add_argument("--cold-clientapps", action="store_true",
                        help="start a fresh flwr-clientapp process per message, as Flower "
                        "does, instead of forking it from a warm server")
+    start.add_argument("--stock-supernodes", action="store_true",
+                       help="run flower-supernode as it is, with its 3 s pause after an "
+                       "empty pull, instead of fedcifar_app.fast_supernode")
     stop = commands.add_parser("down", help="stop what `up` started")
     for sub in (start, stop):
         sub.add_argument("--name", default=DEFAULT_NAME,
@@ -426,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--nodes must be >= 1")
         federation = up(args.nodes, args.name, args.tls, args.auth,
                         args.data.resolve() if args.data else None, args.seed,
-                        warm_clientapps=not args.cold_clientapps)
+                        warm_clientapps=not args.cold_clientapps,
+                        fast_supernodes=not args.stock_supernodes)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

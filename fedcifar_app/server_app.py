@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedcifar_app import task
 from fedcifar_app.config import ConfigError, RunConfig
 from fedcifar_app.data import load_split
+from fedcifar_app.flower_waits import shorten_object_pull_backoff
 from fedcifar_app.results import RunRecorder, load_results
 from fedcifar_app.strategies import (Checkpoint, PrivacyBudgetSpent, RecoveringGrid,
                                      build_strategy, load_checkpoint, strategy_grid)
@@ -96,6 +97,8 @@ def main(grid: Grid, context: Context) -> None:
                         test_seconds=round(time.perf_counter() - started, 3))
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
 
+    # A reply seen before its arrays are all pushed should not cost Flower's 1 s backoff.
+    shorten_object_pull_backoff()
     # Replaces nodes that fail mid-round, and pulls replies without Flower's 3 s pauses.
     # SecAgg+ cannot take a replacement mid-protocol: it tolerates drop-outs instead.
     recovering_grid = RecoveringGrid(grid, 0 if config.secure_aggregation

@@ -145,3 +145,52 @@ def test_an_empty_phase_sends_nothing() -> None:
     grid, reports = recovering(fake)
     assert list(grid.send_and_receive([], timeout=5)) == []
     assert fake.sent == {} and reports == []
+
+
+class Clock:
+    """A stand-in for the time module that RecoveringGrid uses: sleeping moves it on."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class SlowGrid(FakeGrid):
+    """One node that replies once ``ready_at`` has passed; every pull costs ``pull_cost``."""
+
+    def __init__(self, clock: Clock, pull_cost: float, ready_at: float) -> None:
+        super().__init__({1: "ok"})
+        self.clock, self.pull_cost, self.ready_at = clock, pull_cost, ready_at
+        self.pulls = 0
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.pulls += 1
+        self.clock.now += self.pull_cost
+        return super().pull_messages(message_ids) if self.clock.now >= self.ready_at else []
+
+
+@pytest.mark.parametrize("pull_cost", [0.0, 0.005])
+def test_polling_waits_longer_when_pulls_are_costly(monkeypatch: pytest.MonkeyPatch,
+                                                    pull_cost: float) -> None:
+    clock = Clock()
+    monkeypatch.setattr(recovery, "time", clock)
+    fake = SlowGrid(clock, pull_cost, ready_at=2.0)
+    grid = RecoveringGrid(fake, retries=0, poll_interval=0.25)
+    (reply,) = grid.send_and_receive(instructions([1]), timeout=60)
+    assert not reply.has_error()
+    assert max(clock.sleeps) <= 0.25
+    # Picked up at most ~1 % late (free pulls) or one pause late (costly ones).
+    assert clock.now - 2.0 <= max(0.02, recovery.POLL_COST_FACTOR * pull_cost) + pull_cost
+    if pull_cost == 0:
+        assert clock.sleeps[0] == recovery.MIN_POLL_INTERVAL
+        assert fake.pulls > 100
+    else:  # polling takes at most 1/POLL_COST_FACTOR of the time
+        assert min(clock.sleeps) >= recovery.POLL_COST_FACTOR * pull_cost - 1e-9
+        assert fake.pulls * pull_cost <= clock.now / recovery.POLL_COST_FACTOR + pull_cost

@@ -16,7 +16,11 @@ own sampling and aggregation:
   round ends soon after its last reply is there: the pause between pulls is 1/100
   of the time the phase has waited so far, from ``MIN_POLL_INTERVAL`` up to
   ``poll_interval`` (a reply is picked up at most ~1 % late, a 0.3 s simulated
-  round is not rounded up to 0.25 s steps, and a long phase pulls 4 times a second).
+  round is not rounded up to 0.25 s steps, and a long phase pulls 4 times a second),
+  but at least ``POLL_COST_FACTOR`` times as long as the last empty pull took, so
+  that polling never takes more than ~5 % of a core from training (an in-memory
+  pull in simulation costs well under a millisecond; a deployment's, a TLS request
+  the SuperLink answers, several).
 
 The failed replies stay in the list the strategy receives, which counts them;
 replacements and timeouts go to ``on_phase_end``.
@@ -37,6 +41,7 @@ from flwr.serverapp import Grid
 
 POLL_INTERVAL = 0.25
 MIN_POLL_INTERVAL = 0.001
+POLL_COST_FACTOR = 20
 # How often pending nodes are checked against the connected ones (one get_node_ids call).
 MEMBERSHIP_INTERVAL = 1.0
 
@@ -151,8 +156,13 @@ class RecoveringGrid(WrappedGrid):
         started = time.monotonic()
         send(messages)
         next_membership_check = time.monotonic() + MEMBERSHIP_INTERVAL
+        empty_pull_s = 0.0
         while pending:
-            for reply in self.grid.pull_messages(list(pending)):
+            pull_started = time.monotonic()
+            pulled = list(self.grid.pull_messages(list(pending)))
+            if not pulled:
+                empty_pull_s = time.monotonic() - pull_started
+            for reply in pulled:
                 message_id = reply.metadata.reply_to_message_id
                 if message_id not in pending:
                     continue
@@ -179,8 +189,9 @@ class RecoveringGrid(WrappedGrid):
                             entry.instruction, ErrorCode.NODE_UNAVAILABLE,
                             "the node is no longer connected"), "disconnected")
             if pending:
-                time.sleep(min(self.poll_interval,
-                               max(MIN_POLL_INTERVAL, (time.monotonic() - started) / 100)))
+                waited = time.monotonic() - started
+                time.sleep(min(self.poll_interval, max(MIN_POLL_INTERVAL, waited / 100,
+                                                       POLL_COST_FACTOR * empty_pull_s)))
         if self.on_phase_end is not None:
             self.on_phase_end(report)
         return replies
