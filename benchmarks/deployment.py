@@ -2,17 +2,22 @@
 
     python benchmarks/deployment.py --dataset /abs/path/to/cifar10 [--nodes 3] [--rounds 5]
         [--run-config "evaluate-in-train=true"] [--deployments cold-stock warm-stock warm-fast]
+        [--node-data partitions|folders]
 
 Runs the default config for --rounds rounds (plus --run-config) as a simulation
 with --nodes virtual SuperNodes (one CPU each), then as a real loopback deployment
-(``fedcifar_app.federation up --nodes N --tls --auth --data DATASET``: one
-SuperLink, N SuperNodes, each with its own data folder and one torch thread, as in
-the simulation) in up to three ways: ``cold-stock``, as Flower runs it (a fresh
-flwr-clientapp process per message and ``flower-supernode`` with its 3 s pause after
-an empty pull: ``--cold-clientapps --stock-supernodes``); ``warm-stock``, with
-ClientApps forked from the warm server; ``warm-fast``, with warm ClientApps and
-``fedcifar_app.fast_supernode`` (the launcher's default). Before each deployment,
-every node's folder is decoded into the cache, so no round pays for decoding.
+(``fedcifar_app.federation up --nodes N --tls --auth``: one SuperLink, N SuperNodes
+with one torch thread each, as in the simulation) in up to three ways:
+``cold-stock``, as Flower runs it (a fresh flwr-clientapp process per message and
+``flower-supernode`` with its 3 s pause after an empty pull: ``--cold-clientapps
+--stock-supernodes``); ``warm-stock``, with ClientApps forked from the warm server;
+``warm-fast``, with warm ClientApps and ``fedcifar_app.fast_supernode`` (the
+launcher's default). With ``--node-data partitions`` (the default) the nodes serve the
+simulation's partitions (``partition-id``/``num-partitions``), so a deployment samples
+and trains the same partitions in the same order as the simulation and their
+accuracies can be compared directly; with ``folders`` each node holds its own split of
+the data set (``--data``), as real sites do. No round pays for decoding: the
+simulation decodes the partitions first, and the folders are decoded before their run.
 Reports the steady seconds per round (median of rounds 2 on) of each, their ratio to
 the simulation, test accuracy after the last round, and (with cold-stock) where a
 round of Flower's defaults goes: the clients' training, the server's test-set
@@ -77,9 +82,9 @@ def deployment_name(choice: str) -> str:
 def run_deployment(args: argparse.Namespace, run_config: str, warm: bool, fast: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="fedcifar-bench-flwr-") as home:
         os.environ["FLWR_HOME"] = home  # the launcher and flwr read it
-        started = federation.up(args.nodes, tls=True, auth=True,
-                                data=Path(args.dataset).resolve(), warm_clientapps=warm,
-                                fast_supernodes=fast)
+        folders = Path(args.dataset).resolve() if args.node_data == "folders" else None
+        started = federation.up(args.nodes, tls=True, auth=True, data=folders,
+                                warm_clientapps=warm, fast_supernodes=fast)
         try:
             config = RunConfig.from_mapping({})
             for folder in started.node_data:  # decode now, not inside a round
@@ -112,6 +117,9 @@ def main() -> None:
     parser.add_argument("--deployments", nargs="+", choices=list(DEPLOYMENTS),
                         default=list(DEPLOYMENTS), help="which deployments to run "
                         "(default all; the breakdown needs cold-stock)")
+    parser.add_argument("--node-data", choices=["partitions", "folders"], default="partitions",
+                        help="nodes serve the simulation's partitions (default) or hold "
+                        "their own data folders")
     parser.add_argument("--run-config", default="",
                         help="extra run-config overrides for both runs")
     args = parser.parse_args()
@@ -129,6 +137,7 @@ def main() -> None:
         print(f"{deployment_name(choice)} ...", flush=True)
         runs[deployment_name(choice)] = run_deployment(args, run_config, warm, fast)
     report = {"machine": machine(), "command": " ".join(sys.argv), "run_config": run_config,
+              "node_data": args.node_data,
               "runs": runs,
               "ratio": {name: run["steady_round_s"] / simulation["steady_round_s"]
                         for name, run in runs.items() if name != "simulation"}}
