@@ -35,10 +35,10 @@ import types
 from logging import WARNING
 
 PULL_BACKOFF = 0.02
+PULL_BACKOFF_CAP = 0.5
 BUSY_PAUSE = 0.02
 # flwr 1.42's SuperNode sleeps 3 s when idle and 0.5 s while a message is in flight.
 _IDLE_SLEEP_FROM = 1.0
-PULL_BACKOFF_CAP = 0.5
 # The keyword defaults of flwr 1.42's pull functions that shorten_object_pull_backoff sets.
 _PULL_DEFAULTS = {"initial_backoff": PULL_BACKOFF, "backoff_cap": PULL_BACKOFF_CAP,
                   # Flower bounds a pull by time (max_time, 2 h) and by tries (500, about

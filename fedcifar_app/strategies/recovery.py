@@ -17,10 +17,11 @@ own sampling and aggregation:
   of the time the phase has waited so far, from ``MIN_POLL_INTERVAL`` up to
   ``poll_interval`` (a reply is picked up at most ~1 % late, a 0.3 s simulated
   round is not rounded up to 0.25 s steps, and a long phase pulls 4 times a second),
-  but at least ``POLL_COST_FACTOR`` times as long as the last empty pull took, so
-  that polling never takes more than ~5 % of a core from training (an in-memory
-  pull in simulation costs well under a millisecond; a deployment's, a TLS request
-  the SuperLink answers, several).
+  but at least ``POLL_COST_FACTOR`` times the CPU time the last empty pull took in
+  this thread, so that polling takes at most ~5 % of a core from training (an
+  in-memory pull in simulation costs a fraction of a millisecond; a deployment's, an
+  HTTPS request, a few milliseconds here and about as much in the SuperLink; the
+  thread's CPU time leaves out waiting for the GIL or the network).
 
 The failed replies stay in the list the strategy receives, which counts them;
 replacements and timeouts go to ``on_phase_end``.
@@ -158,10 +159,10 @@ class RecoveringGrid(WrappedGrid):
         next_membership_check = time.monotonic() + MEMBERSHIP_INTERVAL
         empty_pull_s = 0.0
         while pending:
-            pull_started = time.monotonic()
+            pull_started = time.thread_time()
             pulled = list(self.grid.pull_messages(list(pending)))
             if not pulled:
-                empty_pull_s = time.monotonic() - pull_started
+                empty_pull_s = time.thread_time() - pull_started
             for reply in pulled:
                 message_id = reply.metadata.reply_to_message_id
                 if message_id not in pending:
