@@ -54,6 +54,12 @@ def serve(socket_path: Path) -> None:
 
     for module in PRELOAD:
         importlib.import_module(module)
+    # flwr-clientapp talks to its SuperNode through an httpx client. The first one a
+    # process makes costs ~0.3 s here (isinstance checks walking the subclasses of ABCs
+    # that torch has filled); made once here, forked children find those checks cached.
+    import httpx
+
+    httpx.Client().close()
     from fedcifar_app.flower_waits import shorten_object_pull_backoff
 
     # The forked ClientApps start fast, often before their SuperNode holds the
