@@ -5,7 +5,7 @@
         [--node-data partitions|folders]
 
 Runs the default config for --rounds rounds (plus --run-config) as a simulation
-with --nodes virtual SuperNodes (one CPU each), then as a real loopback deployment
+with --nodes virtual SuperNodes (one CPU each) and, right after it, as a real loopback deployment
 (``fedcifar_app.federation up --nodes N --tls --auth``: one SuperLink, N SuperNodes
 with one torch thread each, as in the simulation) in up to three ways:
 ``cold-stock``, as Flower runs it (a fresh flwr-clientapp process per message and
@@ -18,8 +18,9 @@ and trains the same partitions in the same order as the simulation and their
 accuracies can be compared directly; with ``folders`` each node holds its own split of
 the data set (``--data``), as real sites do. No round pays for decoding: the
 simulation decodes the partitions first, and the folders are decoded before their run.
-Reports the steady seconds per round (median of rounds 2 on) of each, their ratio to
-the simulation, test accuracy after the last round, and (with cold-stock) where a
+(A simulation runs before each deployment: this machine's speed drifts over minutes.)
+Reports the steady seconds per round (median of rounds 2 on) of each, each deployment's
+ratio to the simulation run just before it, test accuracy after the last round, and (with cold-stock) where a
 round of Flower's defaults goes: the clients' training, the server's test-set
 evaluation, the start of a ClientApp process per phase (Python, flwr-clientapp and
 app imports, measured here), and the rest (messaging, the SuperNode's pauses).
@@ -127,29 +128,32 @@ def main() -> None:
     run_config = (f"{data_config(args, out / 'runs')} num-server-rounds={args.rounds} "
                   f"min-available-nodes={args.nodes} {args.run_config}").strip()
 
-    print("simulation ...", flush=True)
-    wall, run_dir, _ = flwr_run(
-        run_config, f"num-supernodes={args.nodes} client-resources-num-cpus=1")
-    simulation = {"wall_s": wall, **round_times(run_dir)}
-    runs = {"simulation": simulation}
+    # This machine's speed drifts by tens of percent over minutes: each deployment is
+    # compared with a simulation run just before it, not with one at the start.
+    runs, ratio = {}, {}
     for choice in args.deployments:
+        print(f"simulation (before {choice}) ...", flush=True)
+        wall, run_dir, _ = flwr_run(
+            run_config, f"num-supernodes={args.nodes} client-resources-num-cpus=1")
+        simulation = runs[f"simulation (before {choice})"] = {"wall_s": wall,
+                                                            **round_times(run_dir)}
         warm, fast = DEPLOYMENTS[choice]
         print(f"{deployment_name(choice)} ...", flush=True)
-        runs[deployment_name(choice)] = run_deployment(args, run_config, warm, fast)
+        deployment = runs[deployment_name(choice)] = run_deployment(args, run_config, warm,
+                                                                    fast)
+        ratio[deployment_name(choice)] = (deployment["steady_round_s"]
+                                          / simulation["steady_round_s"])
     report = {"machine": machine(), "command": " ".join(sys.argv), "run_config": run_config,
-              "node_data": args.node_data,
-              "runs": runs,
-              "ratio": {name: run["steady_round_s"] / simulation["steady_round_s"]
-                        for name, run in runs.items() if name != "simulation"}}
+              "node_data": args.node_data, "runs": runs, "ratio": ratio}
     if COLD in args.deployments:
         report["cold_deployment_breakdown_s"] = breakdown(runs[deployment_name(COLD)])
     save(out / "deployment.json", report)
     for name, run in runs.items():
-        print(f"{name:>24}: {run['steady_round_s']:.2f} s/round (rounds "
+        print(f"{name:>36}: {run['steady_round_s']:.2f} s/round (rounds "
               f"{', '.join(f'{s:.1f}' for s in run['round_s'])}), "
               f"accuracy {100 * run['final_accuracy']:.2f} %, wall {run['wall_s']:.1f} s")
     for name, ratio in report["ratio"].items():
-        print(f"ratio {name} / simulation: {ratio:.2f}")
+        print(f"ratio {name} / the simulation before it: {ratio:.2f}")
     if "cold_deployment_breakdown_s" in report:
         print("a cold deployment round:")
         for part, seconds in report["cold_deployment_breakdown_s"].items():

@@ -112,15 +112,15 @@ def test_deployment_against_simulation(local_simulation: dict[str, str], tiny_da
                        "--nodes", "2", "--rounds", "2", "--run-config", "evaluate-in-train=true",
                        "--deployments", "cold-stock", "warm-fast", "--node-data", "folders")
     report = json.loads((tmp_path / "results" / "deployment.json").read_text())
-    assert set(report["runs"]) == {"simulation", "deployment (cold, stock)",
-                                   "deployment (warm, fast)"}
+    assert set(report["runs"]) == {"simulation (before cold-stock)", "deployment (cold, stock)",
+                                   "simulation (before warm-fast)", "deployment (warm, fast)"}
     for measured in report["runs"].values():
         assert measured["status"] == "completed" and len(measured["round_s"]) == 2
     assert set(report["ratio"]) == {"deployment (cold, stock)", "deployment (warm, fast)"}
     assert report["node_data"] == "folders"
     assert report["cold_deployment_breakdown_s"][
         "ClientApp process start and imports (1 per round)"] > 0
-    assert "ratio deployment (warm, fast) / simulation" in stdout
+    assert "ratio deployment (warm, fast) / the simulation before it" in stdout
     # The benchmark's own federation was stopped: no launcher state is left behind.
     assert not list(Path(tempfile.gettempdir()).glob("fedcifar-bench-flwr-*"))
 
