@@ -5,8 +5,8 @@
         [--node-data partitions|folders]
 
 Runs the default config for --rounds rounds (plus --run-config) as a simulation
-with --nodes virtual SuperNodes (one CPU each) and, right after it, as a real loopback deployment
-(``fedcifar_app.federation up --nodes N --tls --auth``: one SuperLink, N SuperNodes
+with --nodes virtual SuperNodes (one CPU each) and, right after it, as a real
+loopback deployment (``fedcifar_app.federation up --nodes N --tls --auth``: one SuperLink, N SuperNodes
 with one torch thread each, as in the simulation) in up to three ways:
 ``cold-stock``, as Flower runs it (a fresh flwr-clientapp process per message and
 ``flower-supernode`` with its 3 s pause after an empty pull: ``--cold-clientapps
@@ -18,10 +18,10 @@ and trains the same partitions in the same order as the simulation and their
 accuracies can be compared directly; with ``folders`` each node holds its own split of
 the data set (``--data``), as real sites do. No round pays for decoding: the
 simulation decodes the partitions first, and the folders are decoded before their run.
-(A simulation runs before each deployment: this machine's speed drifts over minutes.)
 Reports the steady seconds per round (median of rounds 2 on) of each, each deployment's
-ratio to the simulation run just before it, test accuracy after the last round, and (with cold-stock) where a
-round of Flower's defaults goes: the clients' training, the server's test-set
+ratio to the simulation run just before it (this machine's speed drifts over minutes),
+test accuracy after the last round, and (with cold-stock) where a round of Flower's
+defaults goes: the clients' training, the server's test-set
 evaluation, the start of a ClientApp process per phase (Python, flwr-clientapp and
 app imports, measured here), and the rest (messaging, the SuperNode's pauses).
 Results go to deployment.json under --out.
