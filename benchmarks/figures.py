@@ -59,28 +59,59 @@ def scale_figure(report: dict, path: Path) -> None:
 
 
 def niid_figure(report: dict, path: Path) -> None:
-    """Test accuracy by round, the mean over a row's seeds with a ±1 std band."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, row in report["runs"].items():
-        curves = [run["accuracy_by_round"] for run in row["seeds"].values()
-                  if run.get("accuracy_by_round")]
-        if not curves:
-            continue
-        rounds = min(len(curve) for curve in curves)
-        by_round = np.array([[100 * (curve[i] if curve[i] is not None else np.nan)
-                              for i in range(rounds)] for curve in curves])
-        mean, std = np.nanmean(by_round, axis=0), np.nanstd(by_round, axis=0, ddof=0)
-        (line,) = ax.plot(range(rounds), mean, label=f"{name} ({len(curves)} seeds)")
-        if len(curves) > 1:
-            ax.fill_between(range(rounds), mean - std, mean + std, alpha=0.2,
-                            color=line.get_color())
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    """Left: test accuracy by round (from round 10 on in long runs), each row's mean over
+    its seeds with a ±1 std band. Right: each row's best accuracy and the mean of
+    its last 10 rounds, mean ± 1 std over its seeds (runs kept as figures only, without a
+    curve, count here but not on the left)."""
+    fig, (curves_ax, spread_ax) = plt.subplots(
+        1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    runs = {name: [run for run in row["seeds"].values() if run.get("best")]
+            for name, row in sorted(report["runs"].items())}
+    runs = {name: seeds for name, seeds in runs.items() if seeds}
+    for name, seeds in runs.items():
+        curves = [run["accuracy_by_round"] for run in seeds if run.get("accuracy_by_round")]
+        if curves:
+            mean, std = seed_spread([[100 * (a if a is not None else np.nan)
+                                      for a in curve] for curve in curves])
+            # The rows differ by tenths of a point, after a common 50-point rise.
+            start = 10 if len(mean) > 20 else 0
+            rounds = np.arange(start, len(mean))
+            (line,) = curves_ax.plot(rounds, mean[start:],
+                                     label=f"{name} ({seeds_label(len(curves))})")
+            curves_ax.fill_between(rounds, (mean - std)[start:], (mean + std)[start:],
+                                   alpha=0.2, color=line.get_color())
+    for offset, (label, value) in zip((-0.12, 0.12), (
+            ("best", lambda run: run["best"]["test_accuracy"]),
+            ("mean of the last 10 rounds", lambda run: run["last10_mean"]))):
+        means, stds = zip(*(seed_spread([[100 * value(run)] for run in seeds])
+                            for seeds in runs.values()))
+        spread_ax.errorbar(np.arange(len(runs)) + offset, np.ravel(means), yerr=np.ravel(stds),
+                           fmt="o", capsize=4, label=label)
+    spread_ax.set_xticks(range(len(runs)), [f"{name}\n({seeds_label(len(seeds))})"
+                                            for name, seeds in runs.items()])
+    spread_ax.set_ylabel("test accuracy (%), mean ± 1 std over seeds")
+    spread_ax.legend()
+    curves_ax.set_xlabel("round")
+    curves_ax.set_ylabel("test accuracy (%), mean ± 1 std over seeds")
+    curves_ax.legend()
+    for ax in (curves_ax, spread_ax):
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def seeds_label(count: int) -> str:
+    return f"{count} seed" if count == 1 else f"{count} seeds"
+
+
+def seed_spread(by_seed: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample standard deviation over seeds (rows), per column; the spread is 0
+    for one seed. Curves of different lengths are cut to the shortest."""
+    length = min(len(values) for values in by_seed)
+    values = np.array([row[:length] for row in by_seed], dtype=float)
+    std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(length)
+    return np.nanmean(values, axis=0), std
 
 
 def robustness_figure(report: dict, path: Path) -> None:
