@@ -65,7 +65,9 @@ def niid_figure(report: dict, path: Path) -> None:
     curve, count here but not on the left)."""
     fig, (curves_ax, spread_ax) = plt.subplots(
         1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    runs = {name: [run for run in row["seeds"].values() if run.get("best")]
+    # The seeds niid_bench.py's summary counts: finished runs and figures kept from earlier.
+    runs = {name: [run for run in row["seeds"].values()
+                   if run.get("status") in ("completed", "earlier")]
             for name, row in sorted(report["runs"].items())}
     runs = {name: seeds for name, seeds in runs.items() if seeds}
     for name, seeds in runs.items():
