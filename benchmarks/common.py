@@ -150,3 +150,10 @@ def save(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
+
+
+def finished_seeds(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A benchmark row's seeds that count in its mean ± std: finished runs, and runs
+    measured earlier whose figures were kept."""
+    return [seed for seed in row["seeds"].values()
+            if seed.get("status") in ("completed", "earlier")]

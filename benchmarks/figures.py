@@ -21,7 +21,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import ROOT, load  # noqa: E402
+from common import ROOT, finished_seeds, load  # noqa: E402
 
 from fedcifar_app.compare import describe  # noqa: E402
 from fedcifar_app.results import load_results, plot_accuracy  # noqa: E402
@@ -65,10 +65,7 @@ def niid_figure(report: dict, path: Path) -> None:
     curve, count here but not on the left)."""
     fig, (curves_ax, spread_ax) = plt.subplots(
         1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    # The seeds niid_bench.py's summary counts: finished runs and figures kept from earlier.
-    runs = {name: [run for run in row["seeds"].values()
-                   if run.get("status") in ("completed", "earlier")]
-            for name, row in sorted(report["runs"].items())}
+    runs = {name: finished_seeds(row) for name, row in sorted(report["runs"].items())}
     runs = {name: seeds for name, seeds in runs.items() if seeds}
     for name, seeds in runs.items():
         curves = [run["accuracy_by_round"] for run in seeds if run.get("accuracy_by_round")]

@@ -35,7 +35,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from common import add_data_arguments, data_config, load, machine, run_resumable, save
+from common import (add_data_arguments, data_config, finished_seeds, load, machine,
+                    run_resumable, save)
 
 COMMON = ("local-epochs=10 batch-size=64 learning-rate=0.01 "
           "momentum=0.9 augment=true fraction-train=1.0 fraction-evaluate=0.0 "
@@ -103,7 +104,7 @@ def summary(report: dict) -> None:
     print(f"{'run':<16} {'seeds':>5} {'best %':>14} {'last 10 %':>14} {'published %':>12} "
           f"{'wall h':>7}")
     for name, row in report["runs"].items():
-        done = [s for s in row["seeds"].values() if s.get("status") in ("completed", "earlier")]
+        done = finished_seeds(row)
         published = PUBLISHED.get(name)
         print(f"{name:<16} {len(done):>5} "
               f"{mean_std([s['best']['test_accuracy'] for s in done]):>14} "
