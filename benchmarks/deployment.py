@@ -4,10 +4,10 @@
         [--run-config "evaluate-in-train=true"] [--deployments cold-stock warm-stock warm-fast]
         [--node-data partitions|folders]
 
-Runs the default config for --rounds rounds (plus --run-config) as a simulation
-with --nodes virtual SuperNodes (one CPU each) and, right after it, as a real
-loopback deployment (``fedcifar_app.federation up --nodes N --tls --auth``: one SuperLink, N SuperNodes
-with one torch thread each, as in the simulation) in up to three ways:
+Runs the default config for --rounds rounds (plus --run-config) as a real loopback
+deployment (``fedcifar_app.federation up --nodes N --tls --auth``: one SuperLink, N
+SuperNodes with one torch thread each), each right after a simulation of the same config
+with --nodes virtual SuperNodes (one CPU each), in up to three ways:
 ``cold-stock``, as Flower runs it (a fresh flwr-clientapp process per message and
 ``flower-supernode`` with its 3 s pause after an empty pull: ``--cold-clientapps
 --stock-supernodes``); ``warm-stock``, with ClientApps forked from the warm server;
@@ -21,9 +21,9 @@ simulation decodes the partitions first, and the folders are decoded before thei
 Reports the steady seconds per round (median of rounds 2 on) of each, each deployment's
 ratio to the simulation run just before it (this machine's speed drifts over minutes),
 test accuracy after the last round, and (with cold-stock) where a round of Flower's
-defaults goes: the clients' training, the server's test-set
-evaluation, the start of a ClientApp process per phase (Python, flwr-clientapp and
-app imports, measured here), and the rest (messaging, the SuperNode's pauses).
+defaults goes: the clients' training, the server's test-set evaluation, the start of a
+ClientApp process per phase (Python, flwr-clientapp and app imports, measured here), and
+the rest (messaging, the SuperNode's pauses).
 Results go to deployment.json under --out.
 """
 
@@ -137,12 +137,10 @@ def main() -> None:
             run_config, f"num-supernodes={args.nodes} client-resources-num-cpus=1")
         simulation = runs[f"simulation (before {choice})"] = {"wall_s": wall,
                                                             **round_times(run_dir)}
-        warm, fast = DEPLOYMENTS[choice]
-        print(f"{deployment_name(choice)} ...", flush=True)
-        deployment = runs[deployment_name(choice)] = run_deployment(args, run_config, warm,
-                                                                    fast)
-        ratio[deployment_name(choice)] = (deployment["steady_round_s"]
-                                          / simulation["steady_round_s"])
+        name, (warm, fast) = deployment_name(choice), DEPLOYMENTS[choice]
+        print(f"{name} ...", flush=True)
+        deployment = runs[name] = run_deployment(args, run_config, warm, fast)
+        ratio[name] = deployment["steady_round_s"] / simulation["steady_round_s"]
     report = {"machine": machine(), "command": " ".join(sys.argv), "run_config": run_config,
               "node_data": args.node_data, "runs": runs, "ratio": ratio}
     if COLD in args.deployments:
@@ -152,8 +150,8 @@ def main() -> None:
         print(f"{name:>36}: {run['steady_round_s']:.2f} s/round (rounds "
               f"{', '.join(f'{s:.1f}' for s in run['round_s'])}), "
               f"accuracy {100 * run['final_accuracy']:.2f} %, wall {run['wall_s']:.1f} s")
-    for name, ratio in report["ratio"].items():
-        print(f"ratio {name} / the simulation before it: {ratio:.2f}")
+    for name, deployment_ratio in ratio.items():
+        print(f"ratio {name} / the simulation before it: {deployment_ratio:.2f}")
     if "cold_deployment_breakdown_s" in report:
         print("a cold deployment round:")
         for part, seconds in report["cold_deployment_breakdown_s"].items():
