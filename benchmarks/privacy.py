@@ -1,15 +1,15 @@
 """Accuracy against epsilon: user-level DP at cross-device scale.
 
     python benchmarks/privacy.py --dataset /abs/path/to/cifar10 [--rounds 200]
-        [--epsilons 1 2 4 8] [--clipping-norm 0.2]
+        [--epsilons 1 2 4 8] [--clipping-norm 0.2] [--accountant pld|rdp]
 
 The cross-device workload of ``cross_device.py`` (1,000 virtual clients of 50 IID
 images, multiplexed; each joins a round with probability 0.05, one local epoch of
 batch 10, SGD lr 0.1, the tutorial CNN), run without DP and with ``dp='server'`` at
 each target epsilon (delta 1e-5, below 1/1,000). For a target, the noise multiplier
 is the smallest that keeps epsilon after --rounds rounds at or below it (bisection
-on the same RDP accountant the runs use; ``dp-max-epsilon`` is the target, so no
-run can overshoot). Same seed, rounds and clipping norm for every run. Results go
+on the accountant the runs use, PLD unless --accountant says rdp; ``dp-max-epsilon``
+is the target, so no run can overshoot). Same seed, rounds and clipping norm for every run. Results go
 to privacy.json under --out after each run; finished runs are skipped.
 """
 
@@ -20,18 +20,20 @@ import argparse
 from common import add_data_arguments, data_config, load, machine, run_resumable, save
 from cross_device import WORKLOAD
 
-from fedcifar_app.strategies.privacy import PrivacyLedger
+from fedcifar_app.strategies.privacy import ACCOUNTANTS, PrivacyLedger
 
 USERS, SAMPLING_RATE, DELTA = 1000, 0.05, 1e-5
 
 
-def noise_for(epsilon: float, rounds: int, sampling_rate: float, delta: float) -> float:
+def noise_for(epsilon: float, rounds: int, sampling_rate: float, delta: float,
+              accountant: str) -> float:
     """The smallest noise multiplier (to 0.1 %) whose epsilon after ``rounds`` rounds is
     at most ``epsilon``."""
     low, high = 0.1, 100.0
     while high / low > 1.001:
         middle = (low * high) ** 0.5
-        if PrivacyLedger(middle, sampling_rate, delta).epsilon(rounds) > epsilon:
+        ledger = PrivacyLedger(middle, sampling_rate, delta, accountant=accountant)
+        if ledger.epsilon(rounds) > epsilon:
             low = middle
         else:
             high = middle
@@ -48,11 +50,16 @@ def main() -> None:
                         help="C (default 0.2: first-round client updates here have "
                         "norms 0.10-0.16)")
     parser.add_argument("--delta", type=float, default=DELTA)
+    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="pld")
     args = parser.parse_args()
     out = args.out.resolve()
     report_path = out / "privacy.json"
     report = load(report_path) or {"machine": machine(), "workload": WORKLOAD,
-                                   "users": args.users, "rounds": args.rounds, "runs": {}}
+                                   "users": args.users, "rounds": args.rounds,
+                                   "accountant": args.accountant, "runs": {}}
+    if report.get("accountant", "rdp") != args.accountant:
+        raise SystemExit(f"{report_path} holds runs calibrated with the "
+                         f"{report.get('accountant', 'rdp')} accountant: give another --out")
     settings = (f"{WORKLOAD} virtual-clients={args.users} fraction-train={SAMPLING_RATE} "
                 f"num-server-rounds={args.rounds}")
     for target in [None, *args.epsilons]:
@@ -62,10 +69,11 @@ def main() -> None:
             continue
         config = settings
         if target is not None:
-            noise = noise_for(target, args.rounds, SAMPLING_RATE, args.delta)
+            noise = noise_for(target, args.rounds, SAMPLING_RATE, args.delta, args.accountant)
             run.update(noise_multiplier=noise, target_epsilon=target)
             config += (f" dp='server' dp-noise-multiplier={noise} dp-clipping-norm="
-                       f"{args.clipping_norm} dp-delta={args.delta} dp-max-epsilon={target}")
+                       f"{args.clipping_norm} dp-delta={args.delta} dp-max-epsilon={target}"
+                       f" dp-accountant='{args.accountant}'")
         run_root = out / "runs" / "privacy" / name.replace(" ", "-")
         run_dir, wall = run_resumable(f"{data_config(args, run_root)} {config}", run_root,
                                       name)

@@ -24,6 +24,7 @@ ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 DP_MODES = ("none", "server", "client")
 DP_CLIPPING = ("fixed", "adaptive")
+DP_ACCOUNTANTS = ("pld", "rdp")
 # DP-FedAvg's noise and accounting assume the server releases the plain average.
 DP_STRATEGIES = ("fedavg", "fedprox")
 
@@ -153,9 +154,10 @@ class RunConfig:
         0.0, "Clip each training update (its difference from the global model) to this L2 "
         "norm before aggregating, with any strategy; no noise (0: off).", _at_least(0))
     dp: str = _setting(
-        "none", "User-level differential privacy (DP-FedAvg with Poisson sampling and RDP "
-        "accounting, see README): 'server' clips each update on the server, 'client' on "
-        "the client; none: off.", _one_of(DP_MODES))
+        "none", "User-level differential privacy (DP-FedAvg with Poisson sampling, see "
+        "README): 'server' clips each update on the server, 'client' on the client; none: "
+        "off. Rounds with DP replace no failed node (round-retries is not used).",
+        _one_of(DP_MODES))
     dp_noise_multiplier: float = _setting(
         1.0, "DP: Gaussian noise standard deviation over the clipping norm (z).",
         _at_least(0))
@@ -178,6 +180,10 @@ class RunConfig:
     dp_delta: float = _setting(
         1e-5, "DP: the delta epsilon is reported at; keep it below 1 / number of clients.",
         lambda v: None if 0 < v < 1 else "must be in (0, 1)")
+    dp_accountant: str = _setting(
+        "pld", "DP: how epsilon is computed, with dp-accounting: 'pld' (privacy loss "
+        "distribution, the tighter bound) or 'rdp' (Renyi DP, looser).",
+        _one_of(DP_ACCOUNTANTS))
     dp_max_epsilon: float = _setting(
         0.0, "DP: the run ends cleanly before a round that would take epsilon past this "
         "(0: no cap).", _at_least(0))

@@ -18,7 +18,8 @@ from fedcifar_app.data import load_split
 from fedcifar_app.flower_waits import shorten_object_pull_backoff
 from fedcifar_app.results import RunRecorder, load_results
 from fedcifar_app.strategies import (Checkpoint, PrivacyBudgetSpent, RecoveringGrid,
-                                     build_strategy, load_checkpoint, strategy_grid)
+                                     build_strategy, load_checkpoint, phase_retries,
+                                     resume_problems, strategy_grid)
 from fedcifar_app.strategies.secure import run_secure_aggregation
 from fedcifar_app.task import BatchLoader
 
@@ -42,6 +43,11 @@ def _checkpoint_to_resume(config: RunConfig) -> Checkpoint | None:
         raise ConfigError(f"'resume-from' {checkpoint.path} holds a {checkpoint.model_name} "
                           f"model, 'model' is {config.model}: set model='"
                           f"{checkpoint.model_name}' to resume it")
+    problems = resume_problems(checkpoint, config)
+    if problems:
+        raise ConfigError(f"'resume-from' {checkpoint.path} cannot be continued by this "
+                          "run: " + "; ".join(problems) + " (resume with the settings it "
+                          "was written with, or start afresh)")
     return checkpoint
 
 
@@ -100,9 +106,7 @@ def main(grid: Grid, context: Context) -> None:
     # A reply seen before its arrays are all pushed should not cost Flower's 1 s backoff.
     shorten_object_pull_backoff()
     # Replaces nodes that fail mid-round, and pulls replies without Flower's 3 s pauses.
-    # SecAgg+ cannot take a replacement mid-protocol: it tolerates drop-outs instead.
-    recovering_grid = RecoveringGrid(grid, 0 if config.secure_aggregation
-                                     else config.round_retries,
+    recovering_grid = RecoveringGrid(grid, phase_retries(config),
                                      on_phase_end=strategy.record_phase,
                                      rng=random.Random(config.seed))
     initial_arrays = ArrayRecord(task.cpu_state_dict(net))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -76,6 +77,19 @@ def server_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for attribute, value in {"_run_id": 1, "_node_id": 0, "_task_id": 1}.items():
         monkeypatch.setattr(TaskIdentity, attribute, value)
+
+
+@pytest.fixture
+def replay_private_draws(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - a restart function
+    """A function that restarts DP's private draws from a fixed sequence of seeds: only
+    for tests that compare two runs which must draw alike."""
+    from fedcifar_app.strategies import privacy
+
+    def restart() -> None:
+        seeds = itertools.count()
+        monkeypatch.setattr(privacy, "private_generator",
+                            lambda: np.random.default_rng(next(seeds)))
+    return restart
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,10 @@
 from __future__ import annotations
 
 import os
+from logging import INFO
 from typing import Any
 
+from flwr.common import log
 from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx,
                                      FedTrimmedAvg, Krum, MultiKrum)
 
@@ -28,7 +30,8 @@ from fedcifar_app.config import ROBUST_STRATEGIES, RunConfig
 from fedcifar_app.virtual_clients import DP_WEIGHT
 from fedcifar_app.results import RunRecorder
 from fedcifar_app.strategies.safeguards import (CHECKPOINT_FILE, Checkpoint, RunFailedError,
-                                                SafeguardsMixin, load_checkpoint)
+                                                SafeguardsMixin, load_checkpoint,
+                                                resume_problems, resume_settings)
 from fedcifar_app.strategies.multiplex import MultiplexingGrid
 from fedcifar_app.strategies.privacy import (ACCOUNTING, AdaptiveClipping, PrivacyBudgetSpent,
                                              PrivacyLedger)
@@ -37,7 +40,8 @@ from fedcifar_app.strategies.sampling import PartitionDirectory
 from fedcifar_app.strategies.scaffold import Scaffold
 
 __all__ = ["CHECKPOINT_FILE", "Checkpoint", "PrivacyBudgetSpent", "RecoveringGrid",
-           "RunFailedError", "build_strategy", "load_checkpoint", "strategy_grid"]
+           "RunFailedError", "build_strategy", "load_checkpoint", "phase_retries",
+           "resume_problems", "strategy_grid"]
 
 STRATEGY_CLASSES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM,
                     "fedadam": FedAdam, "scaffold": Scaffold, "fedmedian": FedMedian,
@@ -77,11 +81,13 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
     )
     if config.dp != "none":
         strategy.ledger = PrivacyLedger(config.dp_noise_multiplier, config.fraction_train,
-                                        config.dp_delta, config.dp_max_epsilon)
+                                        config.dp_delta, config.dp_max_epsilon,
+                                        config.dp_accountant)
         strategy.dp_clipping_norm = config.dp_clipping_norm
         strategy.dp_clips_on_server = config.dp == "server"
         recorder.extra["privacy"] = {
-            "accounting": ACCOUNTING, "clipping": config.dp,
+            "accountant": config.dp_accountant,
+            "accounting": ACCOUNTING[config.dp_accountant], "clipping": config.dp,
             "noise_multiplier": config.dp_noise_multiplier,
             "clipping_norm": config.dp_clipping_norm,
             "sampling_rate": config.fraction_train, "delta": config.dp_delta,
@@ -100,6 +106,7 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
     strategy.checkpoint_path = recorder.run_dir / CHECKPOINT_FILE
     strategy.evaluate_in_train = config.evaluate_in_train
     strategy.seed = config.seed
+    strategy.resume_settings = resume_settings(config)
     strategy.model_name = config.model
     strategy.strategy_name = config.strategy
     strategy.assumed_malicious = config.num_malicious_nodes
@@ -107,6 +114,19 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> FedAvg:
     strategy.update_norm_bound = config.update_norm_bound
     strategy.partitions = PartitionDirectory(timeout=config.round_timeout)
     return strategy
+
+
+def phase_retries(config: RunConfig) -> int:
+    """How many failed nodes RecoveringGrid may replace per phase: round-retries, but
+    none under DP (a replacement is a client the Poisson draw did not pick, and the
+    accountant would credit an amplification that did not happen) or SecAgg+ (it
+    cannot take a replacement mid-protocol; it tolerates drop-outs instead)."""
+    if config.round_retries and (config.dp != "none" or config.secure_aggregation):
+        log(INFO, "[fedcifar] round-retries %d not used: with %s a failed node is left "
+            "out, not replaced", config.round_retries,
+            "DP" if config.dp != "none" else "secure aggregation")
+        return 0
+    return config.round_retries
 
 
 def strategy_grid(config: RunConfig, grid: Grid, strategy: FedAvg) -> Grid:

@@ -3,17 +3,17 @@
 With ``dp`` set, a round is the Gaussian mechanism on a Poisson-sampled cohort:
 
 * every client joins the round independently with probability q = fraction-train
-  (``poisson_cohort``, seeded per round), not Flower's fixed-size draw: the event
-  the accountant knows how to amplify;
+  (``poisson_cohort``), not Flower's fixed-size draw: the event the accountant
+  knows how to amplify;
 * each client's update (its model minus the global model) is clipped to L2 norm C
   (``dp-clipping-norm``): by the server after the update filter (``dp='server'``),
   or by the client before it sends (``dp='client'``; the server then rejects
   updates longer than C); a multiplexed node clips each of its clients;
 * the server sums the clipped updates and divides by the expected cohort q·N, not
   by the number that arrived (``noised_update``), and adds N(0, (zC / qN)²) noise to
-  every coordinate with Flower's ``add_gaussian_noise_inplace``. The fixed
-  denominator keeps the sensitivity at C / qN whatever the cohort's size, and a
-  client that fails only leaves its term out;
+  every coordinate. The fixed denominator keeps the sensitivity at C / qN whatever
+  the cohort's size, and a client that fails only leaves its term out (it is not
+  replaced: a replacement would be a client the Poisson draw did not pick);
 * with ``dp-clipping='adaptive'``, C follows a quantile of the update norms
   (``AdaptiveClipping``, Andrew et al. 2021): clients report whether their update
   was within C, the server adds noise to that count, and moves C geometrically
@@ -21,9 +21,18 @@ With ``dp`` set, a round is the Gaussian mechanism on a Poisson-sampled cohort:
   (noised sum, noised count) is as private as one Gaussian mechanism of multiplier
   z, which is what the ledger composes;
 * ``PrivacyLedger`` composes one ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``
-  per round in dp-accounting's RDP accountant (add-or-remove-one neighbours, i.e.
-  user-level DP) and reports epsilon at ``dp-delta``; a round that would take
-  epsilon past ``dp-max-epsilon`` is not run.
+  per round with dp-accounting (add-or-remove-one neighbours, i.e. user-level DP):
+  its privacy loss distribution (``dp-accountant='pld'``, the tighter bound) or
+  its Renyi DP (``'rdp'``), and reports epsilon at ``dp-delta``; a round that would
+  take epsilon past ``dp-max-epsilon`` is not run.
+
+Every draw the guarantee rests on (the cohort, the update noise, the count noise)
+comes from ``private_generator``: a generator seeded from the OS's cryptographic
+source for that one draw, never from the run's seed or a global generator other
+code seeds. Were the noise a function of the seed, anyone holding the released
+model and results.json (which records the seed and the noise's scale) could
+regenerate and subtract it. Flower's ``add_gaussian_noise_inplace`` draws from
+NumPy's global generator, which the ServerApp seeds, so it is not used.
 
 Flower's own DP wrappers are not used: their fixed-size sampling has no
 amplification their accountant can use, they average by the number of replies,
@@ -33,34 +42,44 @@ wrong way: it counts the *clipped* updates where Andrew et al. count the unclipp
 ones (``b = 1`` if the norm is at most C) in the same update rule, so C runs away
 from the target quantile instead of settling on it (with 100 log-normal norms and
 target 0.5 it grew from the median to 3.4 times it in 25 rounds, all updates
-unclipped). Their clipping, noise and noise-splitting functions are used as they are.
+unclipped). Their noise-scale and noise-splitting functions are used as they are.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import random
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
-from flwr.supercore.differential_privacy import (add_gaussian_noise_inplace,
-                                                 compute_adaptive_noise_params)
+from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
-ACCOUNTING = ("RDP (dp-accounting), user level, add-or-remove-one neighbours, one "
-              "Poisson-sampled Gaussian mechanism per round")
+ACCOUNTANTS = ("pld", "rdp")
+ACCOUNTING = {
+    "pld": "PLD (dp-accounting's privacy loss distribution, pessimistic estimate), user "
+           "level, add-or-remove-one neighbours, one Poisson-sampled Gaussian mechanism "
+           "per round",
+    "rdp": "RDP (dp-accounting), user level, add-or-remove-one neighbours, one "
+           "Poisson-sampled Gaussian mechanism per round"}
 
 
 class PrivacyBudgetSpent(RuntimeError):
     """The next round would spend more than dp-max-epsilon; the run ends before it."""
 
 
-def poisson_cohort(nodes: list[int], rate: float, seed: int, run_round: int) -> list[int]:
-    """Each of ``nodes`` (in a fixed order) with probability ``rate``, independently,
-    the same for the same seed and round."""
-    draw = random.Random(f"{seed}:{run_round}:dp-cohort")
-    return [node for node in nodes if draw.random() < rate]
+def private_generator() -> np.random.Generator:
+    """A generator for one draw a privacy guarantee rests on, seeded with 256 bits
+    from the OS's cryptographic source: no seed, file or other draw replays it."""
+    return np.random.default_rng(int.from_bytes(os.urandom(32), "big"))
+
+
+def poisson_cohort(nodes: list[int], rate: float) -> list[int]:
+    """Each of ``nodes`` with probability ``rate``, independently, from a private draw."""
+    joins = private_generator().random(len(nodes)) < rate
+    return [node for node, joined in zip(nodes, joins, strict=True) if joined]
 
 
 @dataclass
@@ -71,6 +90,7 @@ class PrivacyLedger:
     sampling_rate: float
     delta: float
     max_epsilon: float = 0.0  # 0: no cap
+    accountant: str = "pld"  # one of ACCOUNTANTS
     rounds: int = 0
     epsilon_by_round: dict[int, float] = field(default_factory=dict)
 
@@ -80,6 +100,21 @@ class PrivacyLedger:
             return 0.0
         if self.noise_multiplier == 0:
             return float("inf")
+        if self.accountant == "pld":
+            return float(self._round_loss_distribution.self_compose(rounds)
+                         .get_epsilon_for_delta(self.delta))
+        return self._rdp_epsilon(rounds)
+
+    @functools.cached_property
+    def _round_loss_distribution(self):  # noqa: ANN202 - dp-accounting's PLD of one round
+        """One round's privacy loss distribution, built once (the costly part); composing
+        it k times is what dp-accounting's PLDAccountant does for k rounds."""
+        from dp_accounting.pld import privacy_loss_distribution
+
+        return privacy_loss_distribution.from_gaussian_mechanism(
+            self.noise_multiplier, sampling_prob=self.sampling_rate)
+
+    def _rdp_epsilon(self, rounds: int) -> float:
         import dp_accounting
         from dp_accounting import rdp
 
@@ -113,6 +148,18 @@ class PrivacyLedger:
         self.epsilon_by_round[run_round] = self.epsilon(self.rounds)
         return self.epsilon_by_round[run_round]
 
+    def state(self) -> dict:
+        """What a checkpoint keeps: the mechanism, the accountant and the spending."""
+        return {"accountant": self.accountant, "noise_multiplier": self.noise_multiplier,
+                "sampling_rate": self.sampling_rate, "delta": self.delta,
+                "rounds": self.rounds, "epsilon_by_round": dict(self.epsilon_by_round)}
+
+    def continue_from(self, state: dict) -> None:
+        """Take over a checkpoint's spending (its mechanism is checked to be this one)."""
+        self.rounds = int(state["rounds"])
+        self.epsilon_by_round = {int(k): float(v)
+                                 for k, v in state["epsilon_by_round"].items()}
+
 
 def noised_update(global_arrays: ArrayRecord, mean_arrays: ArrayRecord | None,
                   clients: int, expected_clients: float, noise_std: float) -> ArrayRecord:
@@ -126,7 +173,9 @@ def noised_update(global_arrays: ArrayRecord, mean_arrays: ArrayRecord | None,
     else:
         update = [(mean_arrays[k].numpy() - s) * (clients / expected_clients)
                   for k, s in zip(keys, start, strict=True)]
-    add_gaussian_noise_inplace(update, noise_std)
+    noise = private_generator()
+    for values in update:
+        values += noise.normal(0.0, noise_std, values.shape)
     return ArrayRecord({k: Array((s + u).astype(s.dtype, copy=False))
                         for k, s, u in zip(keys, start, update, strict=True)})
 
@@ -153,6 +202,6 @@ class AdaptiveClipping:
                   count_stddev: float) -> tuple[float, float]:
         """(next C, the noised unclipped fraction it was moved by). The centred count
         sum(b - 1/2) is noised and divided by the expected cohort, as the update sum is."""
-        noised = float(np.random.normal(unclipped - clients / 2, count_stddev))
+        noised = float(private_generator().normal(unclipped - clients / 2, count_stddev))
         fraction = noised / expected_clients + 0.5
         return norm * math.exp(-self.learning_rate * (fraction - self.target_quantile)), fraction

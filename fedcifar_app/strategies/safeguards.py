@@ -21,8 +21,9 @@ copying the strategy's loop:
 * with ``update-norm-bound``, each usable update is clipped to that norm before the
   strategy aggregates it; a robust aggregator's minimum sample (see ``robust``) is
   checked before each round's training;
-* every round's global model and round number go to ``checkpoint.pt``, from
-  which ``resume-from`` continues;
+* every round's global model and round number go to ``checkpoint.pt``, with the
+  settings a resumed run must share (``resume_problems``) and, with DP, the privacy
+  ledger, from which ``resume-from`` continues;
 * per-round metrics, reply and failure counts, and where each update was trained
   (the nodes' 'worker' record: host, Ray node) go to results.json, written with each
   checkpoint and with the server's evaluation that ends a round (or when the run fails).
@@ -44,6 +45,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import compute_stdv
 
+from fedcifar_app.config import RunConfig
 from fedcifar_app.results import RunRecorder, atomic_write
 from fedcifar_app.strategies.multiplex import (MultiplexingGrid, clipped_on_nodes,
                                                is_node_mean, rejected_on_nodes, served,
@@ -57,6 +59,12 @@ from fedcifar_app.strategies.sampling import NodeList, PartitionDirectory, seed_
 from fedcifar_app.virtual_clients import DP_CLIPPED
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# What a resumed run must share with the run it continues (run-config keys).
+RESUME_KEYS = ("model", "strategy", "seed", "dp")
+# With DP also the mechanism and its accounting: the ledger goes on from the checkpoint.
+DP_RESUME_KEYS = ("fraction-train", "dp-noise-multiplier", "dp-clipping-norm", "dp-clipping",
+                  "dp-target-quantile", "dp-clip-learning-rate", "dp-clipped-count-stddev",
+                  "dp-delta", "dp-accountant")
 # With evaluate-in-train, a training reply's metrics that start with this prefix are
 # the node's evaluation of the model it received, weighted by 'eval-num-examples'.
 FOLDED_EVALUATION_PREFIX = "eval-"
@@ -77,6 +85,8 @@ class Checkpoint:
     path: Path
     model_name: str  # the architecture (run-config key 'model') the weights belong to
     dp_clipping_norm: float | None = None  # DP: the clipping norm of the next round
+    settings: dict[str, Any] | None = None  # RESUME_KEYS of the run; None: older file
+    privacy_ledger: dict | None = None  # DP: PrivacyLedger.state() after ``round``
 
 
 def load_checkpoint(location: str) -> Checkpoint:
@@ -90,7 +100,28 @@ def load_checkpoint(location: str) -> Checkpoint:
     saved = torch.load(path, weights_only=True)
     # Checkpoints written before the 'model' key existed hold the tutorial CNN.
     return Checkpoint(saved["round"], saved["model"], saved["samples_trained"], path,
-                      saved.get("model_name", "tutorial-cnn"), saved.get("dp_clipping_norm"))
+                      saved.get("model_name", "tutorial-cnn"), saved.get("dp_clipping_norm"),
+                      saved.get("settings"), saved.get("privacy_ledger"))
+
+
+def resume_settings(config: RunConfig) -> dict[str, Any]:
+    """The run-config values a checkpoint records and a resumed run must share: what
+    the model's history and, with DP, the privacy spent depend on."""
+    values = config.to_dict()
+    keys = RESUME_KEYS + (DP_RESUME_KEYS if config.dp != "none" else ())
+    return {key: values[key] for key in keys}
+
+
+def resume_problems(checkpoint: Checkpoint, config: RunConfig) -> list[str]:
+    """How ``config`` differs from the run that wrote ``checkpoint`` (empty: none)."""
+    if checkpoint.settings is None:
+        return ["it records no run settings (written by an older fedcifar): its privacy "
+                "spent and strategy cannot be checked, start afresh"]
+    wanted = resume_settings(config)
+    keys = sorted(set(wanted) | set(checkpoint.settings))
+    return [f"'{key}' was {checkpoint.settings.get(key, '(not set)')!r}, is "
+            f"{wanted.get(key, '(not set)')!r}" for key in keys
+            if checkpoint.settings.get(key) != wanted.get(key)]
 
 
 def update_problem(reply: Message, global_arrays: ArrayRecord,
@@ -194,6 +225,7 @@ class SafeguardsMixin:
     multikrum_keep: int = 0
     update_norm_bound: float = 0.0
     seed: int = 0
+    resume_settings: dict[str, Any]  # what checkpoints record (see resume_settings)
     partitions: PartitionDirectory
     ledger: PrivacyLedger | None = None  # DP (see privacy), else None
     dp_clipping_norm: float = 0.0  # this round's C (adaptive clipping moves it)
@@ -208,10 +240,9 @@ class SafeguardsMixin:
         """Number rounds and count samples on from where ``checkpoint`` stopped."""
         self.round_offset = checkpoint.round
         self.samples_trained = checkpoint.samples_trained
-        if self.ledger is not None:  # the earlier rounds spent privacy too (same settings)
-            self.ledger.rounds = checkpoint.round
-            if checkpoint.dp_clipping_norm is not None:  # where adaptive clipping got to
-                self.dp_clipping_norm = checkpoint.dp_clipping_norm
+        if self.ledger is not None:  # resume_problems found the same mechanism
+            self.ledger.continue_from(checkpoint.privacy_ledger)
+            self.dp_clipping_norm = checkpoint.dp_clipping_norm  # where adaptive got to
 
     def wait_for_nodes(self, grid: Grid) -> None:
         """Return once min-available-nodes are connected; fail after the timeout."""
@@ -285,7 +316,7 @@ class SafeguardsMixin:
                     f"(with {self._expected_cohort:g} clients expected per round): {err}"
                 ) from err
         config["dp-clipping-norm"] = self.dp_clipping_norm  # what clients clip to
-        cohort = poisson_cohort(nodes.node_ids, ledger.sampling_rate, self.seed, run_round)
+        cohort = poisson_cohort(nodes.node_ids, ledger.sampling_rate)
         if not cohort:  # the round still releases (noise only)
             return []
         # Flower samples int(n * fraction-train) of the nodes it is given once
@@ -485,7 +516,9 @@ class SafeguardsMixin:
         # there, so the history must reach the checkpoint's round whenever it exists.
         self.recorder.write()
         checkpoint = {"round": server_round, "model": arrays.to_torch_state_dict(),
-                      "samples_trained": self.samples_trained, "model_name": self.model_name}
-        if self.ledger is not None:  # the next round's clipping norm
+                      "samples_trained": self.samples_trained, "model_name": self.model_name,
+                      "settings": self.resume_settings}
+        if self.ledger is not None:  # the spending so far and the next round's norm
+            checkpoint["privacy_ledger"] = self.ledger.state()
             checkpoint["dp_clipping_norm"] = self.dp_clipping_norm
         atomic_write(self.checkpoint_path, lambda tmp: torch.save(checkpoint, tmp))
