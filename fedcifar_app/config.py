@@ -9,6 +9,7 @@ and out-of-range values with a message naming the key, and fills in defaults.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,6 +261,10 @@ class RunConfig:
             if coerced is None:
                 errors.append(f"'{key}' expects {_type_name(spec.type)}, got {value!r} "
                               f"({type(value).__name__})")
+                continue
+            # TOML has inf and nan; no key gives them a meaning (wait forever: a large number).
+            if spec.type == "float" and not math.isfinite(coerced):
+                errors.append(f"'{key}' must be a finite number, got {value!r}")
                 continue
             check = spec.metadata["check"]
             problem = check(coerced) if check else None

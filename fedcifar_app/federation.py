@@ -57,6 +57,9 @@ FAST_ROUNDS_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25",
                    "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "16",
                    "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "16"}
 FAST_SUPERNODE = fast_supernode.__name__
+# Flower reports usage events to its servers unless told not to; a launcher's
+# processes do not phone home.
+TELEMETRY_OFF = {"FLWR_TELEMETRY_ENABLED": "0"}
 
 
 def flwr_home() -> Path:
@@ -194,8 +197,13 @@ def _start(command: list[str], log_file: Path, env: dict[str, str] | None = None
     with open(log_file, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                   env={**os.environ, **FAST_ROUNDS_ENV, **(env or {})})
+                                   env=process_env(env))
     return process.pid
+
+
+def process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every process the launcher starts."""
+    return {**os.environ, **FAST_ROUNDS_ENV, **TELEMETRY_OFF, **(extra or {})}
 
 
 def _start_warm_server(federation: Federation) -> None:

@@ -20,6 +20,8 @@ from fedcifar_app.local_simulation import (installs_dependencies, managed_superl
                                            stop_process_tree)
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every flwr process the tests start inherits this: no usage events leave the machine.
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 RUN_TIMEOUT = 420
 
 LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",

@@ -78,3 +78,14 @@ def test_the_server_evaluates_every_k_rounds_and_the_final_model() -> None:
     assert [r for r in range(8) if config.is_evaluation_round(r)] == [0, 3, 6, 7]
     every_round = RunConfig.from_mapping({"num-server-rounds": 3})
     assert all(every_round.is_evaluation_round(r) for r in range(4))
+
+
+FLOAT_KEYS = [key for key, (default, _) in RunConfig.docs().items() if isinstance(default, float)]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_no_float_key_takes_a_non_finite_value(key: str, value: float) -> None:
+    """inf passed the range checks of learning-rate, dp-clipping-norm and others."""
+    with pytest.raises(ConfigError, match=f"'{key}' "):
+        RunConfig.from_mapping({key: value})

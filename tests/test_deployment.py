@@ -323,3 +323,8 @@ def test_secure_aggregation_completes_when_a_node_drops_after_the_key_exchange(
     rounds = load_results(run_dir)["entries"][1:]
     assert [(e["train_replies"], e["train_failures"]) for e in rounds] == [(2, 1)]
     assert rounds[0]["test_accuracy"] > 0
+
+
+def test_the_launchers_processes_send_no_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
+    assert launcher.process_env({"EXTRA": "x"})["FLWR_TELEMETRY_ENABLED"] == "0"
