@@ -43,7 +43,8 @@ from pathlib import Path
 import tomli_w
 
 from fedcifar_app import fast_supernode, warm_clientapp
-from fedcifar_app.local_simulation import is_alive, stop_process_tree
+from fedcifar_app.local_simulation import flwr_home, is_alive, stop_process_tree
+from fedcifar_app.results import atomic_write
 
 DEFAULT_NAME = "local-deployment"
 STATE_FILE = "federation.json"
@@ -60,10 +61,6 @@ FAST_SUPERNODE = fast_supernode.__name__
 # Flower reports usage events to its servers unless told not to; a launcher's
 # processes do not phone home.
 TELEMETRY_OFF = {"FLWR_TELEMETRY_ENABLED": "0"}
-
-
-def flwr_home() -> Path:
-    return Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser().resolve()
 
 
 def state_dir(name: str) -> Path:
@@ -113,7 +110,8 @@ class Federation:
         return Path(self.directory, *parts)
 
     def save(self) -> None:
-        self.path(STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
+        text = json.dumps(asdict(self), indent=2)
+        atomic_write(self.path(STATE_FILE), lambda tmp: tmp.write_text(text))
 
     @classmethod
     def load(cls, name: str) -> Federation:
@@ -259,7 +257,7 @@ def write_connection(federation: Federation) -> Path:
         connection["insecure"] = True
     config.setdefault("superlink", {})[federation.name] = connection
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(config))
+    atomic_write(path, lambda tmp: tmp.write_text(tomli_w.dumps(config)))
     return path
 
 
@@ -268,7 +266,7 @@ def remove_connection(name: str) -> None:
     if path.exists():
         config = tomllib.loads(path.read_text())
         if config.get("superlink", {}).pop(name, None) is not None:
-            path.write_text(tomli_w.dumps(config))
+            atomic_write(path, lambda tmp: tmp.write_text(tomli_w.dumps(config)))
 
 
 # ---------------------------------------------------------------- up, down

@@ -17,26 +17,145 @@ reads neither from pyproject.toml:
   failure offline). The SuperLink reads FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION
   when it starts, so this (re)starts it with that set, and the app uses the
   packages ``pip install -e .`` installed.
+
+flwr's managed SuperLink is one per machine on fixed loopback ports (39091), without
+authentication: whoever's ``flwr run .`` reaches it runs as the user who started it,
+writing into that user's home. So this gives each user and FLWR_HOME a SuperLink of
+its own, on two ports derived from both (``local_ports``; flwr's variables
+FLWR_LOCAL_SUPERLINK_HTTP_API_PORT and FLWR_LOCAL_CONTROL_API_PORT choose others),
+refuses to go on when another user's or FLWR_HOME's process holds them (naming it),
+and points the ``local`` connection of $FLWR_HOME/config.toml at that SuperLink's
+address, which is how a plain ``flwr run .`` finds it afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import pwd
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import tomli_w
+
+from fedcifar_app.results import atomic_write
 
 DISABLE_INSTALL_ENV = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
 DISABLE_INSTALL_FLAG = "--disable-runtime-dependency-installation"
+# The variables flwr reads for its managed SuperLink's ports.
+HTTP_PORT_ENV = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
+CONTROL_PORT_ENV = "FLWR_LOCAL_CONTROL_API_PORT"
+# Derived ports lie below Linux's ephemeral range (32768-60999), where outgoing
+# connections would otherwise take them at random.
+PORT_BASE, PORT_PAIRS = 21000, 5000
+CONNECTION = "local"  # the connection config.toml's [superlink] default names
+
+
+def flwr_home(environ: Mapping[str, str] = os.environ) -> Path:
+    return Path(environ.get("FLWR_HOME", "~/.flwr")).expanduser().resolve()
+
+
+def local_ports(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(HTTP API, Control API) port of this user's and FLWR_HOME's SuperLink: flwr's
+    variables where set, else a pair derived from the uid and FLWR_HOME."""
+    digest = hashlib.sha256(f"{os.getuid()}:{flwr_home(environ)}".encode()).digest()
+    http = PORT_BASE + 2 * (int.from_bytes(digest[:4], "big") % PORT_PAIRS)
+    return (int(environ.get(HTTP_PORT_ENV, http)),
+            int(environ.get(CONTROL_PORT_ENV, http + 1)))
 
 
 def control_api_address(environ: Mapping[str, str] = os.environ) -> str:
-    # flwr reads the same variable, so tests and users can move the managed SuperLink.
-    return f"127.0.0.1:{environ.get('FLWR_LOCAL_CONTROL_API_PORT', '39093')}"
+    return f"127.0.0.1:{local_ports(environ)[1]}"
+
+
+@dataclass(frozen=True)
+class Listener:
+    """Who holds a loopback TCP port: always the user; the process and its FLWR_HOME
+    where /proc lets this user see them."""
+
+    port: int
+    uid: int
+    pid: int | None
+    flwr_home: Path | None
+
+    def describe(self) -> str:
+        try:
+            user = pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            user = f"uid {self.uid}"
+        who = f"user {user}"
+        if self.pid is not None:
+            who += f", PID {self.pid}"
+        if self.flwr_home is not None:
+            who += f", FLWR_HOME {self.flwr_home}"
+        return f"port {self.port} is held by {who}"
+
+
+def listener_on(port: int) -> Listener | None:
+    """The process listening on TCP ``port`` (any local address), if one is."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "0A":  # 0A: LISTEN
+                pid = _socket_owner(fields[9])
+                return Listener(port, int(fields[7]), pid,
+                                None if pid is None else _superlink_home(pid))
+    return None
+
+
+def _socket_owner(inode: str) -> int | None:
+    target = f"socket:[{inode}]"
+    for pid in _pids():
+        try:
+            if any(os.readlink(fd) == target for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                return pid
+        except OSError:  # gone, or not ours to read
+            continue
+    return None
+
+
+def _superlink_home(pid: int) -> Path | None:
+    """The FLWR_HOME of a managed SuperLink: its state database lies in
+    FLWR_HOME/local-superlink (its command line, which any user may read)."""
+    args = _read_proc(pid, "cmdline").decode(errors="replace").split("\0")
+    for flag in ("--database", "--log-file"):
+        if flag in args[:-1]:
+            return Path(args[args.index(flag) + 1]).parent.parent
+    return None
+
+
+def foreign_listeners(environ: Mapping[str, str] = os.environ) -> list[Listener]:
+    """Processes on this SuperLink's ports that are not this user's and FLWR_HOME's."""
+    listeners = [listener_on(port) for port in local_ports(environ)]
+    return [listener for listener in listeners if listener is not None and (
+        listener.uid != os.getuid() or listener.flwr_home != flwr_home(environ))]
+
+
+def point_connection_at(address: str, environ: Mapping[str, str] = os.environ) -> Path:
+    """Set the ``local`` connection of $FLWR_HOME/config.toml to ``address`` (flwr's
+    ``:local:`` lets flwr start its managed SuperLink; an explicit address is used as
+    it is), keeping the rest of the file; written whole or not at all."""
+    path = flwr_home(environ) / "config.toml"
+    config = tomllib.loads(path.read_text()) if path.exists() else {}
+    superlink = config.setdefault("superlink", {})
+    superlink.setdefault("default", CONNECTION)
+    superlink[CONNECTION] = ({"address": address} if address == ":local:"
+                             else {"address": address, "insecure": True})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(tomli_w.dumps(config)))
+    return path
 
 
 def _read_proc(pid: int, name: str) -> bytes:
@@ -143,9 +262,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--gpus-per-client {args.gpus_per_client:g}: this machine has no "
                      "CUDA GPU that torch can see")
 
-    stop_installing_superlinks()
-    environment = {**os.environ, DISABLE_INSTALL_ENV: "1"}
-    # The flwr CLI starts the managed SuperLink if none runs, with this environment.
+    http_port, control_port = local_ports()
+    foreign = foreign_listeners()
+    if foreign:
+        print(_refusal(foreign), file=sys.stderr)
+        return 1
+    environment = {**os.environ, DISABLE_INSTALL_ENV: "1", HTTP_PORT_ENV: str(http_port),
+                   CONTROL_PORT_ENV: str(control_port)}
+    stop_installing_superlinks(environment)
+    # With ':local:', the flwr CLI starts the managed SuperLink if none answers on
+    # these ports, with this environment; afterwards the connection names its address.
+    point_connection_at(":local:")
     command = ["flwr", "federation", "simulation-config",
                "--num-supernodes", str(args.num_supernodes),
                "--client-resources-num-cpus", str(args.cpus_per_client),
@@ -155,6 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: `{' '.join(command)}` failed (exit {completed.returncode})",
               file=sys.stderr)
         return completed.returncode
+    config_path = point_connection_at(f"127.0.0.1:{http_port}")
+    print(f"Your local SuperLink: 127.0.0.1:{http_port} (PID "
+          f"{', '.join(map(str, managed_superlink_pids(environment)))}, FLWR_HOME "
+          f"{flwr_home()}); `flwr` reaches it through the '{CONNECTION}' connection in "
+          f"{config_path}.")
     cores = os.cpu_count() or 1
     at_once = max(cores // args.cpus_per_client, 1)
     resources = f"{cores} cores"
@@ -165,6 +297,18 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"each ({at_once} training at once on {resources}); runtime dependency "
           "installation off. Now run: flwr run . --stream")
     return 0
+
+
+def _refusal(foreign: list[Listener]) -> str:
+    """Why this user's SuperLink cannot start, and the two ways out."""
+    own = [listener.pid for listener in foreign
+           if listener.uid == os.getuid() and listener.pid is not None]
+    stop = (f"stop it (`kill {' '.join(map(str, sorted(set(own))))}`), or " if own else "")
+    return ("error: " + "; ".join(listener.describe() for listener in foreign)
+            + f", not by this user and FLWR_HOME ({flwr_home()}): a run there would "
+            "execute as its owner, with its files. Your runs will not go to it: "
+            f"{stop}choose other ports, e.g. `export {HTTP_PORT_ENV}=<port> "
+            f"{CONTROL_PORT_ENV}=<port + 1>` and run this again.")
 
 
 def _visible_gpus() -> int:

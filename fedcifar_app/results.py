@@ -30,9 +30,12 @@ SAMPLES_PER_EPOCH = 50_000
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """Call write(tmp) on a temporary sibling, then rename it over ``path``."""
+    """Call write(tmp) on a temporary sibling, flush it to disk, then rename it over
+    ``path``: a crash at any point leaves the old file or the new one, whole."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    with open(tmp, "rb+") as written:
+        os.fsync(written.fileno())
     os.replace(tmp, path)
 
 

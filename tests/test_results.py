@@ -1,0 +1,39 @@
+"""Files the project rewrites survive a crash mid-write."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from fedcifar_app.results import atomic_write
+
+def half_then_killed(tmp):
+    with open(tmp, "w") as f:
+        f.write('{"half": ')
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+atomic_write(Path(sys.argv[1]), half_then_killed)
+"""
+
+
+def test_a_kill_during_a_write_leaves_the_old_file_whole(tmp_path: Path) -> None:
+    target = tmp_path / "results.json"
+    target.write_text('{"round": 3}')
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(target)])
+    assert killed.returncode == -9
+    assert target.read_text() == '{"round": 3}'
+
+
+def test_a_completed_write_replaces_the_file(tmp_path: Path) -> None:
+    from fedcifar_app.results import atomic_write
+
+    target = tmp_path / "results.json"
+    target.write_text("old")
+    atomic_write(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
