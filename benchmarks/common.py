@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -64,7 +65,9 @@ class PeakRss:
 
 def flwr_run(run_config: str, federation_config: str | None = None,
              timeout: float = 3600, connection: str | None = None) -> tuple[float, Path, str]:
-    """``flwr run . [connection] --stream``; return (wall seconds, run folder, output).
+    """``flwr run . [connection]``, its log streamed, through ``fedcifar_app.runs start``
+    (which exits non-zero unless the run completed); return (wall seconds, run folder,
+    output).
 
     Never on a managed SuperLink that would ``uv sync`` the app's dependencies into a
     fresh environment for the run (minutes and gigabytes, and a different torch):
@@ -72,8 +75,8 @@ def flwr_run(run_config: str, federation_config: str | None = None,
     from fedcifar_app.local_simulation import DISABLE_INSTALL_ENV, stop_installing_superlinks
 
     stop_installing_superlinks()
-    command = ["flwr", "run", ".", *([connection] if connection else []), "--stream",
-               "--run-config", run_config]
+    command = [sys.executable, "-m", "fedcifar_app.runs", "start",
+               *([connection] if connection else []), "--run-config", run_config]
     if federation_config:
         command += ["--federation-config", federation_config]
     start = time.perf_counter()

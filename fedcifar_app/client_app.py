@@ -26,6 +26,7 @@ from flwr.compat.common import recorddict_compat as legacy
 
 from fedcifar_app import task
 from fedcifar_app.config import RunConfig, device_problem
+from fedcifar_app.errors import AnticipatedError
 from fedcifar_app.data import PartitionScheme, load_node_data, load_partition, load_partitions
 from fedcifar_app.secure_updates import (LEGACY_EVALUATE_PARAMETERS, LEGACY_FIT_PARAMETERS,
                                          masked_update, max_weight)
@@ -36,7 +37,7 @@ from fedcifar_app.virtual_clients import (DP_CLIPPED, DP_WEIGHT, EACH, SEPARATOR
 app = ClientApp()
 
 
-class NodeConfigError(ValueError):
+class NodeConfigError(AnticipatedError, ValueError):
     """The SuperNode's node config does not say where its data is."""
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedcifar_app.errors import AnticipatedError
 from fedcifar_app.task import MODELS
 
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "fedmedian",
@@ -30,7 +31,7 @@ DP_ACCOUNTANTS = ("pld", "rdp")
 DP_STRATEGIES = ("fedavg", "fedprox")
 
 
-class ConfigError(ValueError):
+class ConfigError(AnticipatedError, ValueError):
     """A run configuration value is unknown, of the wrong type or out of range."""
 
 
@@ -276,7 +277,7 @@ class RunConfig:
             config = cls(**parsed)
             errors = config._inconsistencies()
         if errors:
-            raise ConfigError("invalid run config:\n  " + "\n  ".join(errors))
+            raise ConfigError("invalid run config: " + "; ".join(errors))
         return config
 
     def _inconsistencies(self) -> list[str]:

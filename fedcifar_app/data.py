@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fedcifar_app.errors import AnticipatedError
 from fedcifar_app.task import NUM_CLASSES, ImageTensors
 
 IMAGE_COLUMN = "img"
@@ -32,9 +33,11 @@ LABEL_COLUMN = "label"
 IMAGE_SIZE = 32
 # Bump when the cached file layout changes, so stale caches are not read.
 CACHE_FORMAT = 2
+# Seconds the one request that checks the Hub is reachable may take.
+HUB_PROBE_TIMEOUT = 5.0
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(AnticipatedError, RuntimeError):
     """The configured data set cannot be found, loaded or used."""
 
 
@@ -44,10 +47,30 @@ def is_local_dataset(dataset: str) -> bool:
 
 
 def _offline_hint() -> str:
-    return ("To use local data, set `dataset` to a directory holding train.parquet and "
-            "test.parquet (columns img, label), e.g.\n"
-            "  flwr run . --run-config \"dataset='/abs/path/to/cifar10'\"\n"
-            "  python -m fedcifar_app.centralized --dataset /abs/path/to/cifar10")
+    return ("to use local data, set `dataset` to a directory holding train.parquet and "
+            "test.parquet (columns img, label), e.g. flwr run . --run-config "
+            "\"dataset='/abs/path/to/cifar10'\" or python -m fedcifar_app.centralized "
+            "--dataset /abs/path/to/cifar10")
+
+
+def _hub_problem() -> str | None:
+    """Why the Hugging Face Hub cannot be reached, from one request without retries
+    (datasets retries each file five times, warning each time, for ~30 s), or None.
+    With HF_HUB_OFFLINE set, datasets reads its own cache and the Hub is not asked."""
+    import huggingface_hub
+    import httpx
+
+    # Read now, not at huggingface_hub's import; its own truthy spellings.
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        return None
+    endpoint = huggingface_hub.constants.ENDPOINT
+    try:
+        httpx.head(endpoint, timeout=HUB_PROBE_TIMEOUT)
+    except httpx.HTTPError as err:
+        return (f"the Hugging Face Hub ({endpoint}) cannot be reached ({type(err).__name__}: "
+                f"{err}; if the data set is in the Hugging Face cache, set HF_HUB_OFFLINE=1 "
+                "where the app runs to use it)")
+    return None
 
 
 def _local_fingerprint(directory: Path) -> str:
@@ -65,7 +88,7 @@ def dataset_cache_dir(dataset: str, cache_root: Path) -> Path:
             raise DatasetUnavailableError(
                 f"dataset directory '{dataset}' not found (resolved to {directory} from "
                 f"the working directory {Path.cwd()}; Flower apps run in the SuperLink's "
-                "or SuperNode's working directory, so give an absolute path).\n"
+                "or SuperNode's working directory, so give an absolute path); "
                 + _offline_hint())
         key = f"local-{directory.name}-{_local_fingerprint(directory)}"
     else:
@@ -100,13 +123,18 @@ def _cached(path: Path, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def _load_hf_split(dataset: str, split: str) -> Any:
     import datasets  # Deferred: importing datasets costs ~1 s, and cache hits skip it.
 
-    source = str(Path(dataset).expanduser().resolve()) if is_local_dataset(dataset) else dataset
+    local = is_local_dataset(dataset)
+    source = str(Path(dataset).expanduser().resolve()) if local else dataset
+    problem = None if local else _hub_problem()
+    if problem is not None:
+        raise DatasetUnavailableError(
+            f"cannot load dataset '{dataset}': {problem}; " + _offline_hint())
     try:
         hf_split = datasets.load_dataset(source, split=split)
     except Exception as err:  # datasets raises many types for "cannot load".
         raise DatasetUnavailableError(
             f"cannot load split '{split}' of dataset '{dataset}': "
-            f"{type(err).__name__}: {err}\n" + _offline_hint()) from err
+            f"{type(err).__name__}: {err}; " + _offline_hint()) from err
     missing = {IMAGE_COLUMN, LABEL_COLUMN} - set(hf_split.column_names)
     if missing:
         raise DatasetUnavailableError(

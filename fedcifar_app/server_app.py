@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedcifar_app import task
 from fedcifar_app.config import ConfigError, RunConfig
 from fedcifar_app.data import load_split
+from fedcifar_app.errors import reported_in_one_line
 from fedcifar_app.flower_waits import shorten_object_pull_backoff
 from fedcifar_app.results import RunRecorder, load_results
 from fedcifar_app.strategies import (Checkpoint, PrivacyBudgetSpent, RecoveringGrid,
@@ -62,7 +63,13 @@ def _earlier_entries(checkpoint: Checkpoint) -> list[dict]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the configured strategy, evaluating the global model on the test split."""
+    """Run the configured strategy, evaluating the global model on the test split; a
+    failure the project anticipates ends the run in one line (see errors)."""
+    with reported_in_one_line():
+        run(grid, context)
+
+
+def run(grid: Grid, context: Context) -> None:
     config = RunConfig.from_mapping(context.run_config)
     checkpoint = _checkpoint_to_resume(config)
     run_dir = config.output_root / f"flwr-run-{context.run_id}"

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedcifar_app.errors import AnticipatedError
+
 # Per-channel mean and standard deviation of the CIFAR-10 training images.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -31,7 +33,7 @@ EVAL_BATCH_SIZE = 500
 GROUP_NORM_GROUPS = 32
 
 
-class DeviceUnavailableError(RuntimeError):
+class DeviceUnavailableError(AnticipatedError, RuntimeError):
     """The requested device does not exist on this machine."""
 
 

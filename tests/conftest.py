@@ -20,8 +20,11 @@ from fedcifar_app.local_simulation import (installs_dependencies, managed_superl
                                            stop_process_tree)
 
 ROOT = Path(__file__).resolve().parents[1]
-# Every flwr process the tests start inherits this: no usage events leave the machine.
+# Every process the tests start inherits these: no usage events leave the machine, and
+# the Hugging Face Hub is unreachable (port 1 on loopback), with or without internet:
+# tests make their own data, and the offline case is tested as it is everywhere.
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:1"
 RUN_TIMEOUT = 420
 
 LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",

@@ -45,7 +45,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import compute_stdv
 
-from fedcifar_app.config import RunConfig
+from fedcifar_app.config import ConfigError, RunConfig
+from fedcifar_app.errors import AnticipatedError, one_line
 from fedcifar_app.results import RunRecorder, atomic_write
 from fedcifar_app.strategies.multiplex import (MultiplexingGrid, clipped_on_nodes,
                                                is_node_mean, rejected_on_nodes, served,
@@ -71,8 +72,12 @@ FOLDED_EVALUATION_PREFIX = "eval-"
 FOLDED_EVALUATION_WEIGHT = "eval-num-examples"
 
 
-class RunFailedError(RuntimeError):
+class RunFailedError(AnticipatedError, RuntimeError):
     """The run cannot go on: too few nodes, or no usable training replies."""
+
+
+class CheckpointNotFound(AnticipatedError, FileNotFoundError):
+    """resume-from names no checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -95,9 +100,16 @@ def load_checkpoint(location: str) -> Checkpoint:
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"resume-from: no checkpoint at {path} (give a run folder "
-                                f"or its {CHECKPOINT_FILE}, as an absolute path)")
-    saved = torch.load(path, weights_only=True)
+        raise CheckpointNotFound(f"resume-from: no checkpoint at {path} (give a run folder "
+                                 f"or its {CHECKPOINT_FILE}, as an absolute path)")
+    try:
+        saved = torch.load(path, weights_only=True)
+        if not {"round", "model", "samples_trained"} <= set(saved):
+            raise ValueError(f"keys {sorted(saved)}")
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise ConfigError(f"resume-from: {path} is not a readable fedcifar checkpoint "
+                          f"({type(err).__name__}: {one_line(err)[:200]}); give the "
+                          f"{CHECKPOINT_FILE} of a run, or start afresh") from err
     # Checkpoints written before the 'model' key existed hold the tutorial CNN.
     return Checkpoint(saved["round"], saved["model"], saved["samples_trained"], path,
                       saved.get("model_name", "tutorial-cnn"), saved.get("dp_clipping_norm"),
@@ -394,10 +406,12 @@ class SafeguardsMixin:
                              train_nodes=[c for r in usable for c in served(r)],
                              train_workers=[worker(r) for r in usable])
         if not usable:
+            first_failure = (f"; the first failure: {errors[0].error.reason}" if errors
+                             else "")
             raise RunFailedError(
                 f"round {server_round}: none of the {len(replies)} training replies could be "
                 f"aggregated ({len(errors)} failed, {len(rejected)} rejected); stopping "
-                "instead of carrying the old model forward")
+                f"instead of carrying the old model forward{first_failure}")
         clipped = self._clip(server_round, usable)
         if self.strategy_name == "multikrum" and self.multikrum_keep == 0:
             self.num_nodes_to_select = max(len(usable) - self.assumed_malicious, 1)
