@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -295,3 +296,30 @@ def test_a_checkpoint_of_the_strong_model_loads_into_a_fresh_one(tmp_path: Path)
     config = RunConfig.from_mapping({"resume-from": str(tmp_path / "run")})
     with pytest.raises(ConfigError, match="holds a resnet9-gn model, 'model' is tutorial-cnn"):
         _checkpoint_to_resume(config)
+
+
+class LeavingGrid(FakeGrid):
+    """Three nodes; after the first listing, two of them are gone."""
+
+    def __init__(self) -> None:
+        super().__init__(3)
+        self.listings = 0
+
+    def get_node_ids(self) -> list[int]:
+        self.listings += 1
+        return list(self.node_ids if self.listings == 1 else self.node_ids[:1])
+
+
+def test_a_node_leaving_between_the_wait_and_the_draw_does_not_hang_the_round(
+        tmp_path: Path) -> None:
+    """The draw uses the nodes the wait counted; listing them again would find one of
+    the two needed, and Flower's sampling would wait for the second without end."""
+    strategy, _ = make_strategy(tmp_path, **{"min-available-nodes": 2,
+                                             "node-wait-timeout": 1.0})
+    drawn: list = []
+    worker = threading.Thread(target=lambda: drawn.append(strategy.configure_train(
+        1, GLOBAL, ConfigRecord(), LeavingGrid())), daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "the round hung after a node left"
+    assert len(drawn[0]) == 1  # fraction 0.5 of the three nodes counted

@@ -256,10 +256,14 @@ class SafeguardsMixin:
             self.ledger.continue_from(checkpoint.privacy_ledger)
             self.dp_clipping_norm = checkpoint.dp_clipping_norm  # where adaptive got to
 
-    def wait_for_nodes(self, grid: Grid) -> None:
-        """Return once min-available-nodes are connected; fail after the timeout."""
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """The connected nodes, once at least min-available-nodes are; fail after the
+        timeout. Callers use this one snapshot: a node that leaves after it is a failed
+        node, whereas listing the nodes again could find too few, and Flower's sampling
+        would then wait for them without end."""
         deadline = time.monotonic() + self.node_wait_timeout
-        while (connected := len(list(grid.get_node_ids()))) < self.min_available_nodes:
+        while (connected := len(node_ids := list(grid.get_node_ids()))) \
+                < self.min_available_nodes:
             if time.monotonic() >= deadline:
                 raise RunFailedError(
                     f"only {connected} of the {self.min_available_nodes} nodes the run needs "
@@ -268,12 +272,12 @@ class SafeguardsMixin:
             log(INFO, "Waiting for nodes: %d of %d connected", connected,
                 self.min_available_nodes)
             time.sleep(1)
+        return node_ids
 
     def meet_nodes(self, grid: Grid) -> None:
         """Before the run's first evaluation: wait for min-available-nodes and ask them
         which partitions they hold (nodes that join later are asked when first seen)."""
-        self.wait_for_nodes(grid)
-        self.partitions.ordered_connected(grid)
+        self.partitions.ordered_connected(grid, self.wait_for_nodes(grid))
 
     def seeded_nodes(self, grid: Grid, run_round: int, phase: str) -> NodeList:
         """The connected nodes in partition order, with Flower's draw seeded for this
@@ -283,8 +287,7 @@ class SafeguardsMixin:
             self.wait_for_nodes(grid.grid)
             nodes = NodeList(grid.get_node_ids())
         else:
-            self.wait_for_nodes(grid)
-            nodes = NodeList(self.partitions.ordered_connected(grid))
+            nodes = NodeList(self.partitions.ordered_connected(grid, self.wait_for_nodes(grid)))
         if phase == "train":  # as many as Flower's FedAvg.configure_train will sample
             sampled = max(int(len(nodes.node_ids) * self.fraction_train),  # type: ignore
                           self.min_train_nodes)  # type: ignore[attr-defined]

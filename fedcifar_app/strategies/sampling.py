@@ -41,9 +41,10 @@ class PartitionDirectory:
         """``node_ids`` ordered by partition id (then by node ID, for nodes with none)."""
         return sorted(node_ids, key=self.sort_key)
 
-    def ordered_connected(self, grid: Grid) -> list[int]:
-        """The connected nodes, ordered; nodes seen for the first time are asked first."""
-        node_ids = list(grid.get_node_ids())
+    def ordered_connected(self, grid: Grid, node_ids: list[int] | None = None) -> list[int]:
+        """The connected nodes (or the snapshot ``node_ids`` of them), ordered; nodes
+        seen for the first time are asked first."""
+        node_ids = list(grid.get_node_ids()) if node_ids is None else node_ids
         unknown = [node for node in node_ids if node not in self.partition_of]
         if unknown:
             self._ask(grid, unknown)
