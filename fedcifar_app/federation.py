@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import ipaddress
 import json
 import os
@@ -33,7 +32,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 from collections.abc import Sequence
@@ -98,9 +96,7 @@ class Federation:
 
     @property
     def warm_socket(self) -> Path:
-        # A Unix socket path may be at most ~107 bytes, so not under the state folder.
-        digest = hashlib.sha256(self.directory.encode()).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"fedcifar-warm-{digest}.sock"
+        return warm_clientapp.private_socket_path(self.directory)
 
     @property
     def address(self) -> str:
@@ -152,8 +148,17 @@ def write_tls_files(directory: Path) -> None:
     pem = serialization.Encoding.PEM
     (directory / "ca.crt").write_bytes(ca_cert.public_bytes(pem))
     (directory / "server.pem").write_bytes(server_cert.public_bytes(pem))
-    (directory / "server.key").write_bytes(server_key.private_bytes(
+    write_private(directory / "server.key", server_key.private_bytes(
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def write_private(path: Path, content: bytes) -> None:
+    """Write ``content`` to a new file that is mode 0600 from its creation (a chmod
+    afterwards leaves a moment in which others may open it)."""
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as private:
+        private.write(content)
 
 
 def write_node_keys(directory: Path, stem: str) -> tuple[Path, Path]:
@@ -163,10 +168,9 @@ def write_node_keys(directory: Path, stem: str) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = directory / stem, directory / f"{stem}.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                          serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()))
-    private.chmod(0o600)
+    write_private(private, key.private_bytes(serialization.Encoding.PEM,
+                                             serialization.PrivateFormat.OpenSSH,
+                                             serialization.NoEncryption()))
     public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                      serialization.PublicFormat.OpenSSH))
     return private, public
@@ -279,7 +283,8 @@ def up(nodes: int, name: str = DEFAULT_NAME, tls: bool = False, auth: bool = Fal
     if (directory / STATE_FILE).exists():
         raise RuntimeError(f"federation '{name}' is already up ({directory}); "
                            f"stop it with: python -m fedcifar_app.federation down --name {name}")
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)  # keys, logs and the node data: its owner's alone
     federation = Federation(name=name, directory=str(directory), superlink_port=free_port(),
                             nodes=nodes, tls=tls, auth=auth, warm_clientapps=warm_clientapps,
                             fast_supernodes=fast_supernodes)

@@ -19,6 +19,16 @@ runs Flower's own ``flwr-clientapp`` entry point, so Flower still pulls the
 message, installs the FAB and loads the app from it: the server imports no code
 of the app (this package is dropped from the child's modules before it runs).
 
+Whoever can connect gets a ClientApp with the argv, environment and working
+directory they send, and whoever owns the socket receives every shim's argv (the
+ClientApp's token among them), environment and file descriptors. So only its owner
+gets either: the socket lies in a directory of the owner's with mode 0700 (the
+server creates it so, or refuses one that is not), is created 0600, and a path
+someone else holds makes the server refuse to start; the server serves only
+connections whose peer (SO_PEERCRED) is its own user, and the shim talks only to a
+socket its own user owns and listens on. At most ``MAX_HANDLERS`` messages are
+served at once; further connections wait.
+
 Only third-party modules are preloaded, and no thread is started before a fork.
 This module imports nothing heavy at the top: the shim runs it on every message.
 """
@@ -26,11 +36,15 @@ This module imports nothing heavy at the top: the shim runs it on every message.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
 import socket
+import stat
+import struct
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,9 +55,45 @@ COMMAND = "flwr-clientapp"
 # imports on the first optimizer step (about 1 s here, paid in every fresh process).
 PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "flwr.clientapp", "flwr.app", "torch",
            "torch._dynamo", "numpy", "PIL.Image")
+# A SuperNode runs a few ClientApps at once; more concurrent messages than this wait.
+MAX_HANDLERS = 32
 # Not __name__: the shim runs this file as __main__.
 MODULE = "fedcifar_app.warm_clientapp"
 APP_PACKAGE = MODULE.split(".")[0]
+
+
+# ---------------------------------------------------------------- who may connect
+
+def private_socket_path(key: str) -> Path:
+    """A socket path for ``key`` in this user's runtime directory ($XDG_RUNTIME_DIR, or
+    a fedcifar-UID folder in the temporary directory): Unix socket paths are limited to
+    ~107 bytes, so not under a deep state folder."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(runtime) / f"fedcifar-{os.getuid()}" / f"warm-{digest}.sock"
+
+
+def ensure_private_directory(directory: Path) -> None:
+    """Create ``directory`` with mode 0700, or check that it is this user's and no one
+    else's; SystemExit, saying why, if not."""
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() \
+            or stat.S_IMODE(info.st_mode) & 0o077:
+        raise SystemExit(f"[fedcifar] ERROR refusing {directory} for the warm ClientApp "
+                         f"socket: it must be a directory of uid {os.getuid()} with mode "
+                         f"0700, it is uid {info.st_uid}, mode "
+                         f"{stat.filemode(info.st_mode)}; remove it or choose another --socket")
+
+
+def peer_uid(connection: socket.socket) -> int:
+    """The user of the process at the other end of a Unix socket."""
+    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                        struct.calcsize("3i"))
+    return struct.unpack("3i", credentials)[1]
 
 
 # ---------------------------------------------------------------- server
@@ -65,20 +115,57 @@ def serve(socket_path: Path) -> None:
     # The forked ClientApps start fast, often before their SuperNode holds the
     # message's arrays: they should not then wait Flower's 1 s before asking again.
     shorten_object_pull_backoff()
-    socket_path.parent.mkdir(parents=True, exist_ok=True)
-    socket_path.unlink(missing_ok=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(socket_path))
-    listener.listen(64)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # handlers are reaped automatically
+    listener = _listen(socket_path)
     print(f"[fedcifar] warm flwr-clientapp server ready on {socket_path}", flush=True)
+    handlers: set[int] = set()
     while True:
+        _reap(handlers, wait=len(handlers) >= MAX_HANDLERS)
         connection, _ = listener.accept()
-        if os.fork() == 0:
+        if peer_uid(connection) != os.getuid():
+            print(f"[fedcifar] refused a connection from uid {peer_uid(connection)}",
+                  flush=True)
+            connection.close()
+            continue
+        handler = os.fork()
+        if handler == 0:
             listener.close()
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             _handle(connection)
+        handlers.add(handler)
         connection.close()
+
+
+def _listen(socket_path: Path) -> socket.socket:
+    """A listening socket at ``socket_path``, mode 0600 in a private directory; a path
+    that is someone else's, or a live server's, is refused."""
+    ensure_private_directory(socket_path.parent)
+    if socket_path.is_symlink() or socket_path.exists():
+        owner = socket_path.lstat().st_uid
+        if owner != os.getuid() or not stat.S_ISSOCK(socket_path.lstat().st_mode):
+            raise SystemExit(f"[fedcifar] ERROR refusing to start: {socket_path} exists and "
+                             f"is not a socket of this user (owner uid {owner})")
+        if _connect(str(socket_path)) is not None:
+            raise SystemExit(f"[fedcifar] ERROR a warm ClientApp server already listens on "
+                             f"{socket_path}")
+        socket_path.unlink()  # this user's, from a server that has stopped
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(0o177)  # the socket is 0600 from its creation
+    try:
+        listener.bind(str(socket_path))
+    finally:
+        os.umask(umask)
+    listener.listen(64)
+    return listener
+
+
+def _reap(handlers: set[int], wait: bool) -> None:
+    """Forget the handlers that have exited; with ``wait``, wait for one first."""
+    if wait:
+        handlers.discard(os.waitpid(-1, 0)[0])
+    while handlers:
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            return
+        handlers.discard(pid)
 
 
 def _handle(connection: socket.socket) -> None:
@@ -163,11 +250,26 @@ def run(argv: Sequence[str]) -> int:
 
 
 def _connect(socket_path: str) -> socket.socket | None:
+    """A connection to this user's server at ``socket_path``, or None: no server, or
+    one this user does not own (it would receive the ClientApp's token)."""
     if not socket_path:
+        return None
+    try:
+        owner = os.lstat(socket_path).st_uid
+    except OSError:
         return None
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        if owner != os.getuid():
+            raise PermissionError(f"owned by uid {owner}")
         connection.connect(socket_path)
+        if peer_uid(connection) != os.getuid():
+            raise PermissionError(f"served by uid {peer_uid(connection)}")
+    except PermissionError as err:
+        print(f"[fedcifar] not using the warm ClientApp socket {socket_path}: {err}",
+              file=sys.stderr)
+        connection.close()
+        return None
     except OSError:
         connection.close()
         return None

@@ -7,7 +7,9 @@ it started by PID (``federation.down``), whatever the outcome.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -126,6 +128,12 @@ def test_tls_with_supernode_auth_completes_and_refuses_unknown_keys(
         deploy, tiny_dataset: Path, tmp_path: Path, flwr_home: Path) -> None:
     federation = deploy(2, tls=True, auth=True)
     assert "root-certificates" in (flwr_home / "config.toml").read_text()
+    state = Path(federation.directory)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    node_keys = sorted(state.glob("node-*-key"))
+    assert len(node_keys) == 2
+    for private in [state / "server.key", *node_keys]:
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
     wait_for(lambda: online_nodes(federation.name) == 2, 30, "2 SuperNodes online")
 
     intruder = launcher.add_supernode(federation, register=False)
@@ -328,3 +336,16 @@ def test_secure_aggregation_completes_when_a_node_drops_after_the_key_exchange(
 def test_the_launchers_processes_send_no_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
     assert launcher.process_env({"EXTRA": "x"})["FLWR_TELEMETRY_ENABLED"] == "0"
+
+
+def test_private_keys_are_never_readable_by_others(tmp_path: Path) -> None:
+    """Whatever the umask, server.key and node keys are created 0600, not chmodded after."""
+    umask = os.umask(0)
+    try:
+        launcher.write_tls_files(tmp_path)
+        private, public = launcher.write_node_keys(tmp_path, "node")
+    finally:
+        os.umask(umask)
+    for key in (tmp_path / "server.key", private):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    assert stat.S_IMODE(public.stat().st_mode) == 0o666  # the public half may be read
