@@ -13,6 +13,7 @@ accuracy per epoch of data).
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -154,17 +155,25 @@ def privacy_figure(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = report["runs"]
-    private = sorted((run["epsilon"], 100 * run["final_accuracy"]) for run in runs.values()
-                     if run.get("epsilon") is not None and run.get("final_accuracy"))
+    draws: dict[float, list[tuple[float, float]]] = {}  # target: (epsilon, accuracy) per draw
+    for run in runs.values():
+        if run.get("epsilon") is not None and run.get("final_accuracy"):
+            draws.setdefault(run["target_epsilon"], []).append(
+                (run["epsilon"], 100 * run["final_accuracy"]))
+    private = [(max(e for e, _ in group), statistics.fmean(a for _, a in group),
+                statistics.stdev(a for _, a in group) if len(group) > 1 else 0.0)
+               for _, group in sorted(draws.items())]
     fig, ax = plt.subplots(figsize=(6, 4))
     if private:
-        ax.plot(*zip(*private), marker="o", label="DP-FedAvg (dp='server')")
+        epsilons, means, stds = zip(*private)
+        ax.errorbar(epsilons, means, yerr=stds, marker="o", capsize=4,
+                    label="DP-FedAvg (dp='server'), mean ± std over draws")
     baseline = runs.get("no DP", {}).get("final_accuracy")
     if baseline:
         ax.axhline(100 * baseline, color="grey", linestyle="--", label="no DP")
     ax.set_xscale("log")
     ax.minorticks_off()
-    ax.set_xticks([e for e, _ in private], [f"{e:.3g}" for e, _ in private])
+    ax.set_xticks([e for e, _, _ in private], [f"{e:.3g}" for e, _, _ in private])
     ax.set_xlabel("epsilon after the run (delta 1e-5)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{report['users']} clients, {report['rounds']} rounds")

@@ -1,12 +1,13 @@
 """A run's outcome as an exit status, for scripts, CI and the benchmarks.
 
-    python -m fedcifar_app.runs start [FLWR RUN OPTIONS...]  # flwr run . OPTIONS, then wait
-    python -m fedcifar_app.runs wait RUN_ID [--quiet]        # stream its log, then the outcome
+    python -m fedcifar_app.runs start [SUPERLINK] [FLWR RUN OPTIONS...]  # flwr run ., wait
+    python -m fedcifar_app.runs wait RUN_ID [SUPERLINK] [--quiet]  # stream its log, outcome
 
 ``flwr run . --stream`` exits 0 whether the run completed or failed (flwr 1.42). These
 stream the run's log as ``--stream`` does, then print one line with the outcome and
 exit 0 if the run completed, 1 if it failed or was stopped, 2 if it cannot be asked.
-The SuperLink is the one ``flwr`` itself reaches (``$FLWR_HOME/config.toml``).
+SUPERLINK names a connection of ``$FLWR_HOME/config.toml``, as for ``flwr run``
+(default: the file's default one).
 """
 
 from __future__ import annotations
@@ -39,21 +40,21 @@ def _flwr_json(command: list[str]) -> dict:
     return answer
 
 
-def run_status(run_id: int) -> tuple[str, str]:
+def run_status(run_id: int, superlink: list[str]) -> tuple[str, str]:
     """(status, details) of a run, as ``flwr ls`` reports them."""
-    (run,) = _flwr_json(["ls", "--run-id", str(run_id)])["runs"]
+    (run,) = _flwr_json(["ls", *superlink, "--run-id", str(run_id)])["runs"]
     return run["status"], run["status-details"]
 
 
-def wait(run_id: int, stream: bool = True) -> int:
+def wait(run_id: int, superlink: list[str], stream: bool = True) -> int:
     """Stream the run's log until it ends (unless not ``stream``), wait for its final
     status, print the outcome on one line; 0 if it completed, else 1."""
     if stream:
-        subprocess.run(["flwr", "log", str(run_id), "--stream"], check=False)
-    status, details = run_status(run_id)
+        subprocess.run(["flwr", "log", str(run_id), *superlink, "--stream"], check=False)
+    status, details = run_status(run_id, superlink)
     while not status.startswith("finished"):
         time.sleep(POLL_INTERVAL)
-        status, details = run_status(run_id)
+        status, details = run_status(run_id, superlink)
     if status == COMPLETED:
         print(f"[fedcifar] run {run_id} completed")
         return 0
@@ -63,12 +64,14 @@ def wait(run_id: int, stream: bool = True) -> int:
     return 1
 
 
-def start(flwr_run_options: Sequence[str]) -> int:
-    """Submit ``flwr run . OPTIONS`` and wait for it."""
-    submitted = _flwr_json(["run", ".", *flwr_run_options])
+def start(flwr_run_arguments: Sequence[str]) -> int:
+    """Submit ``flwr run . [SUPERLINK] OPTIONS`` and wait for it there."""
+    arguments = list(flwr_run_arguments)
+    superlink = arguments[:1] if arguments and not arguments[0].startswith("-") else []
+    submitted = _flwr_json(["run", ".", *arguments])
     run_id = int(submitted["run-id"])
     print(f"[fedcifar] submitted run {run_id}", flush=True)
-    return wait(run_id)
+    return wait(run_id, superlink)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="flwr run . OPTIONS, then wait for it (OPTIONS go to flwr run)")
     waiting = commands.add_parser("wait", help="stream a run's log and exit with its outcome")
     waiting.add_argument("run_id", type=int)
+    waiting.add_argument("superlink", nargs="?", help="connection name (default: flwr's)")
     waiting.add_argument("--quiet", action="store_true", help="do not stream the log")
     # Everything after 'start' is flwr run's, including its --options.
     args, flwr_run_options = parser.parse_known_args(argv)
@@ -87,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "start":
             return start(flwr_run_options)
-        return wait(args.run_id, stream=not args.quiet)
+        return wait(args.run_id, [args.superlink] if args.superlink else [],
+                    stream=not args.quiet)
     except CannotAsk as err:
         print(f"[fedcifar] ERROR {err}", file=sys.stderr)
         return 2
