@@ -9,7 +9,9 @@ loopback ports, writes the ``[superlink.<name>]`` connection into the Flower
 configuration file ($FLWR_HOME/config.toml) and records every PID in the
 federation's state folder; ``down`` stops exactly those processes. ``--tls``
 makes a CA and a server certificate for localhost/127.0.0.1 and serves TLS with
-them; ``--auth`` makes one key pair per SuperNode, enables SuperNode
+them, and puts the Fleet-only proxy (``fedcifar_app.fleet_proxy``, nginx) in front
+of the SuperLink as a deployment should: SuperNodes connect through it, ``flwr``
+to the SuperLink's own port; ``--auth`` makes one key pair per SuperNode, enables SuperNode
 authentication and registers the public keys. With ``--data DIR`` each node gets
 its own data folder (a split of DIR/train.parquet, as real sites hold their own
 data) passed as ``--node-config "data-path='...'"``; without it, nodes get
@@ -40,7 +42,7 @@ from pathlib import Path
 
 import tomli_w
 
-from fedcifar_app import fast_supernode, warm_clientapp
+from fedcifar_app import fast_supernode, fleet_proxy, warm_clientapp
 from fedcifar_app.local_simulation import flwr_home, is_alive, stop_process_tree
 from fedcifar_app.results import atomic_write
 
@@ -93,6 +95,9 @@ class Federation:
     warm_server_pid: int = 0
     # flower-supernode with its 3 s pause after an empty pull cut (fedcifar_app.fast_supernode).
     fast_supernodes: bool = True
+    # With TLS: nginx forwarding the Fleet API alone (fedcifar_app.fleet_proxy).
+    fleet_port: int = 0
+    proxy_pid: int = 0
 
     @property
     def warm_socket(self) -> Path:
@@ -101,6 +106,11 @@ class Federation:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.superlink_port}"
+
+    @property
+    def fleet_address(self) -> str:
+        """Where SuperNodes connect: the proxy with TLS, else the SuperLink itself."""
+        return f"127.0.0.1:{self.fleet_port}" if self.fleet_port else self.address
 
     def path(self, *parts: str) -> Path:
         return Path(self.directory, *parts)
@@ -231,16 +241,16 @@ def _supernode_env(federation: Federation) -> dict[str, str]:
             warm_clientapp.SOCKET_ENV: str(federation.warm_socket)}
 
 
-def _wait_for_port(port: int, pid: int, log_file: Path) -> None:
+def _wait_for_port(port: int, pid: int, log_file: Path, what: str = "the SuperLink") -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         if not is_alive(pid):
-            raise RuntimeError(f"the SuperLink exited during start-up; see {log_file}")
+            raise RuntimeError(f"{what} exited during start-up; see {log_file}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.2)
-    raise RuntimeError(f"the SuperLink did not listen on port {port} within "
+    raise RuntimeError(f"{what} did not listen on port {port} within "
                        f"{STARTUP_TIMEOUT:g} s; see {log_file}")
 
 
@@ -280,6 +290,8 @@ def up(nodes: int, name: str = DEFAULT_NAME, tls: bool = False, auth: bool = Fal
        fast_supernodes: bool = True) -> Federation:
     """Start a SuperLink and ``nodes`` SuperNodes; return what was started."""
     directory = state_dir(name)
+    if tls:
+        fleet_proxy.check_available()
     if (directory / STATE_FILE).exists():
         raise RuntimeError(f"federation '{name}' is already up ({directory}); "
                            f"stop it with: python -m fedcifar_app.federation down --name {name}")
@@ -291,6 +303,8 @@ def up(nodes: int, name: str = DEFAULT_NAME, tls: bool = False, auth: bool = Fal
     federation.save()  # from here on, `down` can clean up whatever was started
     try:
         _start_superlink(federation)
+        if tls:
+            _start_fleet_proxy(federation)
         write_connection(federation)
         if warm_clientapps:
             _start_warm_server(federation)
@@ -322,6 +336,17 @@ def _start_superlink(federation: Federation) -> None:
         command.append("--enable-supernode-auth")
     federation.superlink_command = command
     _launch_superlink(federation)
+
+
+def _start_fleet_proxy(federation: Federation) -> None:
+    """nginx on a free loopback port, forwarding the Fleet API alone to the SuperLink."""
+    federation.fleet_port = free_port()
+    fleet_proxy.write_config(federation.path(), f"127.0.0.1:{federation.fleet_port}",
+                             federation.address)
+    log_file = federation.path("fleet-proxy.log")
+    federation.proxy_pid = _start(fleet_proxy.command(federation.path()), log_file)
+    federation.save()
+    _wait_for_port(federation.fleet_port, federation.proxy_pid, log_file, "the Fleet proxy")
 
 
 def _launch_superlink(federation: Federation) -> None:
@@ -376,7 +401,7 @@ def add_supernode(federation: Federation, register: bool = True) -> int:
     threads = max(1, (os.cpu_count() or 1) // num_partitions)
     program = ([sys.executable, "-m", FAST_SUPERNODE] if federation.fast_supernodes
                else ["flower-supernode"])
-    command = [*program, "--superlink", federation.address,
+    command = [*program, "--superlink", federation.fleet_address,
                "--port", str(free_port()),
                "--node-config", f"{node_config} torch-threads={threads}"]
     if federation.tls:
@@ -405,7 +430,7 @@ def down(name: str = DEFAULT_NAME) -> None:
         raise RuntimeError(f"no federation '{name}' is up (nothing in {directory})")
     federation = Federation.load(name)
     for pid in [*federation.supernode_pids, federation.superlink_pid,
-                federation.warm_server_pid]:
+                federation.warm_server_pid, federation.proxy_pid]:
         if pid and _is_ours(pid):
             stop_process_tree(pid)
     federation.warm_socket.unlink(missing_ok=True)
@@ -420,7 +445,8 @@ def _is_ours(pid: int) -> bool:
     except OSError:
         return False
     return any(name.encode() in command
-               for name in ("flower-super", FAST_SUPERNODE, warm_clientapp.MODULE))
+               for name in ("flower-super", FAST_SUPERNODE, warm_clientapp.MODULE,
+                            fleet_proxy.CONFIG_FILE))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -457,13 +483,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         args.data.resolve() if args.data else None, args.seed,
                         warm_clientapps=not args.cold_clientapps,
                         fast_supernodes=not args.stock_supernodes)
-    except RuntimeError as err:
+    except RuntimeError as err:  # ProxyUnavailable too
         print(f"error: {err}", file=sys.stderr)
         return 1
     security = ", ".join(s for s, on in (("TLS", args.tls), ("SuperNode auth", args.auth))
                          if on) or "insecure"
+    proxy = (f", SuperNodes through the Fleet-only proxy {federation.fleet_address} (PID "
+             f"{federation.proxy_pid})" if federation.proxy_pid else "")
     print(f"Federation '{args.name}' is up ({security}): SuperLink {federation.address} "
-          f"(PID {federation.superlink_pid}), {args.nodes} SuperNodes (PIDs "
+          f"(PID {federation.superlink_pid}){proxy}, {args.nodes} SuperNodes (PIDs "
           f"{', '.join(map(str, federation.supernode_pids))}).\n"
           f"State and logs: {federation.directory}\n"
           f"Run:  flwr run . {args.name} --stream\n"

@@ -9,13 +9,15 @@ workstation that runs ``flwr``, and N SuperNodes, each on a veth link to the
 switch; ``superlink.example.org`` resolves to 10.0.0.5 inside the namespaces
 (``/etc/netns/<ns>/hosts``; the machine's own /etc/hosts is not touched). Then
 it follows README.md's "Across machines, by hand" commands (``README_COMMANDS``;
-the tests check that README.md holds each one verbatim): certificates, SuperLink,
-connection entry, a registered key per SuperNode, the SuperNodes with their own
-data folders, and ``flwr run``. Node 0's uplink is limited with a ``tc`` token
+the tests check that README.md holds each one verbatim): certificates, the
+SuperLink on the host's loopback, the Fleet-only proxy (nginx) on port 8000, the
+connection entry and a registered key per SuperNode on the SuperLink's host, the
+SuperNodes with their own data folders, and ``flwr run`` on the SuperLink's host;
+the workstation is an outsider that can reach port 8000 and nothing else. Node 0's uplink is limited with a ``tc`` token
 bucket and node 1 drops incoming packets at random with nftables (``--no-impair``
 turns both off). Every namespace, link and process it made is removed at the
 end, also on failure or Ctrl-C. Needs root (or CAP_NET_ADMIN), ``ip``, ``tc``,
-``nft``, ``openssl`` and ``ssh-keygen``. The tests use ``Network`` directly to
+``nft``, ``openssl``, ``ssh-keygen`` and ``nginx``. The tests use ``Network`` directly to
 cut links and kill nodes mid-run.
 """
 
@@ -34,11 +36,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedcifar_app.fleet_proxy import NGINX_CONFIG, START_COMMAND
 from fedcifar_app.local_simulation import is_alive, stop_process_tree
 
 SUBNET_BITS = 24
 SUPERLINK_ADDRESS = "10.0.0.5"
 SUPERLINK_NAME = "superlink.example.org"
+# The SuperLink's own port, on its host's loopback; SuperNodes use the proxy's, 8000.
+SUPERLINK_LOOPBACK = "127.0.0.1:9091"
 WORKSTATION_ADDRESS = "10.0.0.2"
 CONNECTION = "remote-federation"
 # flwr run . and flwr supernode register run from the project folder.
@@ -58,13 +63,21 @@ README_COMMANDS = {
     ],
     "superlink": [
         "export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.25",
-        "flower-superlink --host 0.0.0.0 --port 8000 --database superlink.db \\",
+        "flower-superlink --host 127.0.0.1 --port 9091 --database superlink.db \\",
         "  --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key \\",
         "  --enable-supernode-auth --disable-runtime-dependency-installation",
     ],
+    # Braces doubled: script() formats every step.
+    "proxy": [
+        "cat > fleet-proxy.conf <<'EOF'",
+        *NGINX_CONFIG.format(listen="8000", superlink=SUPERLINK_LOOPBACK)
+        .replace("{", "{{").replace("}", "}}").splitlines(),
+        "EOF",
+        START_COMMAND,
+    ],
     "connection": [
         "[superlink.remote-federation]",
-        'address = "superlink.example.org:8000"',
+        f'address = "{SUPERLINK_LOOPBACK}"',
         'root-certificates = "{ca}"',
     ],
     "register": [
@@ -86,11 +99,11 @@ class NetnsUnavailable(RuntimeError):
 
 def check_available() -> None:
     """Raise NetnsUnavailable, saying why, unless namespaces and the tools work here."""
-    missing = [tool for tool in ("ip", "tc", "nft", "openssl", "ssh-keygen")
+    missing = [tool for tool in ("ip", "tc", "nft", "openssl", "ssh-keygen", "nginx")
                if shutil.which(tool) is None]
     if missing:
         raise NetnsUnavailable(f"missing tools: {', '.join(missing)} (Debian: iproute2, "
-                               "nftables, openssl, openssh-client)")
+                               "nftables, openssl, openssh-client, nginx-light)")
     probe = f"fcprobe{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
@@ -245,10 +258,12 @@ class Federation:
     node_data: list[Path]
     supernode_pids: list[int] = field(default_factory=list)
     superlink_pid: int = 0
+    proxy_pid: int = 0
 
     @property
     def flwr_env(self) -> dict[str, str]:
-        return {"FLWR_HOME": str(self.directory / "workstation" / "flwr-home")}
+        """flwr on the SuperLink's host, the one place its Control API answers."""
+        return {"FLWR_HOME": str(self.directory / "superlink" / "flwr-home")}
 
     @staticmethod
     def home(directory: Path) -> dict[str, str]:
@@ -265,7 +280,9 @@ class Federation:
         self.network.run("superlink", script("certificates"), link)
         self.superlink_pid = self.network.start("superlink", script("superlink"), link,
                                                 link / "superlink.log", self.home(link))
-        connection = self.directory / "workstation" / "flwr-home" / "config.toml"
+        self.proxy_pid = self.network.start("superlink", script("proxy"), link,
+                                            link / "fleet-proxy.log")
+        connection = self.directory / "superlink" / "flwr-home" / "config.toml"
         connection.parent.mkdir(parents=True, exist_ok=True)
         connection.write_text(script("connection", ca=str(link / "ca.crt")) + "\n")
         for node, data in enumerate(self.node_data):
@@ -280,7 +297,7 @@ class Federation:
         deadline = time.monotonic() + 60
         while True:
             try:
-                self.network.run("workstation", script("register", key=str(directory / key)),
+                self.network.run("superlink", script("register", key=str(directory / key)),
                                  ROOT, env=self.flwr_env)
                 break
             except RuntimeError:
@@ -294,9 +311,21 @@ class Federation:
             directory / "supernode.log", self.home(directory)))
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(self.network.command("workstation", ["flwr", *args]), cwd=ROOT,
+        return subprocess.run(self.network.command("superlink", ["flwr", *args]), cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **self.flwr_env})
+
+    def flwr_from(self, host: str, *args: str) -> subprocess.CompletedProcess:
+        """flwr on another host, whose only way in is the proxy's port (what a SuperNode
+        uses): connection ``outside``, superlink.example.org:8000 with the CA."""
+        home = self.host_dir(host) / "outsider-flwr-home"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink.outside]\naddress = "{SUPERLINK_NAME}:8000"\n'
+            f'root-certificates = "{self.directory / "superlink" / "ca.crt"}"\n')
+        return subprocess.run(self.network.command(host, ["flwr", *args]), cwd=ROOT,
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "FLWR_HOME": str(home)})
 
     def online_nodes(self) -> int:
         listing = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
@@ -307,9 +336,9 @@ class Federation:
         return sum(node["status"] == "online" for node in nodes)
 
     def run(self, run_config: str) -> subprocess.Popen:
-        """`flwr run . remote-federation --stream` from the workstation, in the background."""
+        """`flwr run . remote-federation --stream` on the SuperLink's host, in the background."""
         process = subprocess.Popen(
-            self.network.command("workstation", ["flwr", "run", ".", CONNECTION, "--stream",
+            self.network.command("superlink", ["flwr", "run", ".", CONNECTION, "--stream",
                                                  "--run-config", run_config]),
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **self.flwr_env}, start_new_session=True)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import ROOT, run
 
@@ -106,6 +109,8 @@ def test_niid_bench_runs_and_skips_finished_runs(local_simulation: dict[str, str
     assert (figures / "niid_bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.skipif(shutil.which("nginx") is None,
+                    reason="deployments with TLS put nginx in front: install nginx-light")
 def test_deployment_against_simulation(local_simulation: dict[str, str], tiny_dataset: Path,
                                        tmp_path: Path) -> None:
     stdout = benchmark("deployment", local_simulation, *data_args(tiny_dataset, tmp_path),

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from fedcifar_app import federation as launcher
 from fedcifar_app import warm_clientapp
@@ -40,6 +43,8 @@ def deploy(flwr_home: Path) -> Iterator:
     started: list[launcher.Federation] = []
 
     def start(nodes: int, **options: object) -> launcher.Federation:
+        if options.get("tls") and shutil.which("nginx") is None:
+            pytest.skip("the launcher's TLS mode puts nginx in front: install nginx-light")
         started.append(launcher.up(nodes, **options))
         return started[-1]
 
@@ -134,6 +139,17 @@ def test_tls_with_supernode_auth_completes_and_refuses_unknown_keys(
     assert len(node_keys) == 2
     for private in [state / "server.key", *node_keys]:
         assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+    # Only SuperNodes get in: where they connect, the Control API is refused.
+    config_path = flwr_home / "config.toml"
+    config = tomllib.loads(config_path.read_text())
+    config["superlink"]["outside"] = {"address": federation.fleet_address,
+                                      "root-certificates": str(state / "ca.crt")}
+    config_path.write_text(tomli_w.dumps(config))
+    _, intruder_key = launcher.write_node_keys(tmp_path, "intruder")
+    for refused in (["ls", "outside"], ["supernode", "register", str(intruder_key), "outside"],
+                    ["run", ".", "outside"]):
+        done = launcher._flwr(*refused)
+        assert done.returncode != 0 and "403 Forbidden" in done.stdout + done.stderr, refused
     wait_for(lambda: online_nodes(federation.name) == 2, 30, "2 SuperNodes online")
 
     intruder = launcher.add_supernode(federation, register=False)

@@ -106,3 +106,45 @@ def test_a_cut_link_and_a_sigkill_mid_round_do_not_stop_the_run(
     assert killed_round["train_replies"] >= 1
     listing = json.loads(federation.flwr("ls", netns.CONNECTION, "--format", "json").stdout)
     assert listing["runs"][0]["status"] == "finished:completed"
+
+
+def test_only_supernodes_get_in_through_the_readmes_proxy(
+        network: netns.Network, tiny_dataset: Path, tmp_path: Path) -> None:
+    """The README's deployment, literally: from a SuperNode's namespace and from the
+    workstation, registering a key, listing runs and starting a run are refused at the
+    proxy (403), and the SuperLink's own port cannot be reached; the SuperNodes train
+    through the proxy and the run, started on the SuperLink's host, completes."""
+    folders = split_node_data(tiny_dataset, tmp_path / "data", 3, seed=42)
+    federation = netns.Federation(network, tmp_path / "hosts", folders)
+    federation.start()
+    netns.wait_for(lambda: federation.online_nodes() == 3, 120, "3 SuperNodes online")
+    intruder = tmp_path / "intruder"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f",
+                    str(intruder)], check=True)
+    for host in ("node0", "workstation"):
+        for attempt in (["supernode", "register", f"{intruder}.pub", "outside"],
+                        ["ls", "outside"], ["run", ".", "outside"]):
+            done = federation.flwr_from(host, *attempt)
+            assert done.returncode != 0, (host, attempt, done.stdout)
+            assert "403 Forbidden" in done.stdout + done.stderr, (host, attempt, done.stdout)
+        direct = subprocess.run(network.command(host, [
+            "python3", "-c", "import socket; socket.create_connection(('10.0.0.5', 9091), 5)"]),
+            capture_output=True, text=True)
+        assert "ConnectionRefusedError" in direct.stderr
+    listing = json.loads(federation.flwr("supernode", "ls", netns.CONNECTION,
+                                         "--format", "json").stdout)
+    assert len(listing["nodes"]) == 3  # the intruder's key was never registered
+
+    out = tmp_path / "out"
+    run = federation.run(
+        f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' output-dir='{out}' "
+        "num-server-rounds=2 fraction-train=1.0 fraction-evaluate=0.0 "
+        "min-available-nodes=3 local-epochs=1")
+    try:
+        output, _ = run.communicate(timeout=300)
+    finally:
+        run.kill()
+    (run_dir,) = out.glob("flwr-run-*")
+    results = load_results(run_dir)
+    assert results["status"] == "completed", output[-3000:]
+    assert [e["train_replies"] for e in results["entries"][1:]] == [3, 3]
