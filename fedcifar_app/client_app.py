@@ -25,7 +25,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as legacy
 
 from fedcifar_app import task
-from fedcifar_app.config import RunConfig, device_problem
+from fedcifar_app.config import (NodeConfigError, RunConfig, device_problem,
+                                 node_config_problems)
 from fedcifar_app.errors import AnticipatedError
 from fedcifar_app.data import PartitionScheme, load_node_data, load_partition, load_partitions
 from fedcifar_app.secure_updates import (LEGACY_EVALUATE_PARAMETERS, LEGACY_FIT_PARAMETERS,
@@ -37,8 +38,8 @@ from fedcifar_app.virtual_clients import (DP_CLIPPED, DP_WEIGHT, EACH, SEPARATOR
 app = ClientApp()
 
 
-class NodeConfigError(AnticipatedError, ValueError):
-    """The SuperNode's node config does not say where its data is."""
+class MalformedInstruction(AnticipatedError, ValueError):
+    """A message from the server that this ClientApp cannot act on."""
 
 
 def node_data(config: RunConfig, node_config: dict) -> tuple[ImageTensors, ImageTensors]:
@@ -119,24 +120,65 @@ def node_device(config: RunConfig, node_config: dict) -> torch.device:
     return task.resolve_device(requested)
 
 
-def _setup(context: Context) -> tuple[RunConfig, torch.device, ImageTensors, ImageTensors]:
-    """The validated run config, this node's device, and its (train, validation) data
-    on that device."""
-    config, device = _node_setup(context)
+def _data_on(device: torch.device, config: RunConfig,
+             context: Context) -> tuple[ImageTensors, ImageTensors]:
+    """This node's (train, validation) data on ``device``."""
     train_data, validation_data = node_data(config, context.node_config)
-    return config, device, train_data.to(device), validation_data.to(device)
+    return train_data.to(device), validation_data.to(device)
 
 
 def _node_setup(context: Context) -> tuple[RunConfig, torch.device]:
+    """The validated run and node configs; this node's device."""
     config = RunConfig.from_mapping(context.run_config)
+    problems = node_config_problems(context.node_config)
+    if problems:
+        raise NodeConfigError("invalid node config: " + "; ".join(problems))
     limit_torch_threads(context.node_config)
     return config, node_device(config, context.node_config)
 
 
 def _received_model(msg: Message, config: RunConfig, device: torch.device) -> torch.nn.Module:
+    """The global model the instruction carries, checked before anything else is done."""
     net = task.build_model(config.model)
-    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    received = checked_arrays(msg, net.state_dict(), config.model)
+    net.load_state_dict(received)
     return net.to(device)
+
+
+def checked_arrays(msg: Message, expected: dict[str, torch.Tensor],
+                   model: str) -> dict[str, torch.Tensor]:
+    """The instruction's global model as tensors; MalformedInstruction, saying what is
+    wrong, unless it is a finite copy of ``expected``'s layout (and, for training, the
+    round number is there)."""
+    problem = _instruction_problem(msg, expected, model)
+    received = {} if problem else msg.content["arrays"].to_torch_state_dict()
+    problem = problem or non_finite(received)
+    if problem:
+        raise MalformedInstruction(f"the server's {msg.metadata.message_type} instruction "
+                                   f"cannot be used: {problem}")
+    return received
+
+
+def _instruction_problem(msg: Message, expected: dict[str, torch.Tensor],
+                         model: str) -> str | None:
+    content = msg.content
+    if "arrays" not in content.array_records:
+        return "it holds no ArrayRecord 'arrays' (the global model)"
+    config = content.config_records.get("config")
+    if msg.metadata.message_type == MessageType.TRAIN and (
+            config is None or not isinstance(config.get("server-round"), int)):
+        return "it holds no ConfigRecord 'config' with an integer 'server-round'"
+    arrays = content["arrays"]
+    if set(arrays) != set(expected):
+        return (f"its arrays are not the {model} model's (missing "
+                f"{sorted(set(expected) - set(arrays))[:3]}, unexpected "
+                f"{sorted(set(arrays) - set(expected))[:3]})")
+    for name, tensor in expected.items():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if tuple(arrays[name].shape) != tuple(tensor.shape) or arrays[name].dtype != dtype:
+            return (f"'{name}' is {arrays[name].dtype}{list(arrays[name].shape)}, the "
+                    f"{model} model's is {dtype}{list(tensor.shape)}")
+    return None
 
 
 def _reply(msg: Message, metrics: dict, net: torch.nn.Module | None = None) -> Message:
@@ -165,8 +207,9 @@ def train(msg: Message, context: Context) -> Message:
         return _serve_virtual_clients(msg, context)
     if LEGACY_FIT_PARAMETERS in msg.content.array_records:
         return _secure_fit(msg, context)
-    config, device, train_data, validation_data = _setup(context)
+    config, device = _node_setup(context)
     net = _received_model(msg, config, device)
+    train_data, validation_data = _data_on(device, config, context)
     received = task.cpu_state_dict(net) if config.dp == "client" else {}
     metrics, control_delta = _train_client(net, config, msg, context, context.node_config,
                                            train_data, validation_data)
@@ -395,10 +438,10 @@ def _serve_virtual_clients(msg: Message, context: Context) -> Message:
     clients = [int(c) for c in bundle["partition-ids"]]
     each = bundle["reply"] == EACH
     training = msg.metadata.message_type == MessageType.TRAIN
-    received = {name: tensor.to(device)
-                for name, tensor in msg.content["arrays"].to_torch_state_dict().items()}
     net = task.build_model(config.model).to(device)
-    net.load_state_dict(received)  # checks the received keys and shapes once
+    received = {name: tensor.to(device) for name, tensor in
+                checked_arrays(msg, net.state_dict(), config.model).items()}
+    net.load_state_dict(received)
     data = load_partitions(config.dataset, config.cache_root,
                            partition_scheme(config, config.virtual_clients), clients)
     results = _ServedClients(each, [name for name, _ in net.named_parameters()],
@@ -534,9 +577,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _serve_virtual_clients(msg, context)
     if LEGACY_EVALUATE_PARAMETERS in msg.content.array_records:
         return _secure_evaluate(msg, context)
-    config, device, _, validation_data = _setup(context)
-    metrics, _ = _client_evaluation(_received_model(msg, config, device), validation_data,
-                                    config)
+    config, device = _node_setup(context)
+    net = _received_model(msg, config, device)
+    _, validation_data = _data_on(device, config, context)
+    metrics, _ = _client_evaluation(net, validation_data, config)
     return _reply(msg, metrics)
 
 

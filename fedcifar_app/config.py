@@ -35,6 +35,12 @@ class ConfigError(AnticipatedError, ValueError):
     """A run configuration value is unknown, of the wrong type or out of range."""
 
 
+class NodeConfigError(ConfigError):
+    """The SuperNode's node config does not say where its data is, or says it wrongly."""
+
+
+
+
 def _setting(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
     return field(default=default, metadata={"doc": doc, "check": check})
 
@@ -78,6 +84,36 @@ def device_problem(value: str) -> str | None:
     if value.startswith("cuda:") and value[5:].isdigit():
         return None
     return "must be auto, cpu, cuda, cuda:N or mps"
+
+
+# The node-config keys this app reads (others are left alone): their type and check.
+NODE_KEYS: dict[str, tuple[type, Callable[[Any], str | None]]] = {
+    "data-path": (str, _not_empty),
+    "partition-id": (int, _at_least(0)),
+    "num-partitions": (int, _at_least(1)),
+    "device": (str, device_problem),
+    "torch-threads": (int, _at_least(1)),
+    "attack": (str, _one_of(ATTACKS[1:])),
+}
+
+
+def node_config_problems(node_config: Mapping[str, Any]) -> list[str]:
+    """What is wrong with the keys of ``node_config`` this app reads, each naming its key."""
+    problems = []
+    for key, (kind, check) in NODE_KEYS.items():
+        if key not in node_config:
+            continue
+        value = node_config[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            problems.append(f"node config '{key}' expects {_type_name(kind.__name__)}, got "
+                            f"{value!r} ({type(value).__name__})")
+        elif (problem := check(value)) is not None:
+            problems.append(f"node config '{key}' {problem}, got {value!r}")
+    if not problems and "partition-id" in node_config and "num-partitions" in node_config \
+            and node_config["partition-id"] >= node_config["num-partitions"]:
+        problems.append(f"node config 'partition-id' {node_config['partition-id']} must be "
+                        f"below 'num-partitions' {node_config['num-partitions']}")
+    return problems
 
 
 @dataclass(frozen=True)

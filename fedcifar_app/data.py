@@ -116,8 +116,14 @@ def _cached(path: Path, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
                 tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
                 torch.save(build(), tmp)
                 os.replace(tmp, path)
-    # mmap: processes share the page cache instead of each holding a copy.
-    return torch.load(path, mmap=True, weights_only=True)
+    try:
+        # mmap: processes share the page cache instead of each holding a copy.
+        return torch.load(path, mmap=True, weights_only=True)
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise DatasetUnavailableError(
+            f"the cache file {path} cannot be read ({type(err).__name__}); it was not "
+            f"written by this fedcifar or was cut short: delete it (it is rebuilt from "
+            f"the data set) and run again") from err
 
 
 def _load_hf_split(dataset: str, split: str) -> Any:

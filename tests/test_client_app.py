@@ -112,8 +112,10 @@ def test_arrays_of_another_model_are_rejected(tiny_dataset: Path, cache_dir: Pat
     context = make_context(tiny_dataset, cache_dir, SIMULATED)
     other = RecordDict({"arrays": ArrayRecord({"fc.weight": torch.zeros(2, 2)}),
                         "config": ConfigRecord({"server-round": 1})})
-    with pytest.raises(RuntimeError, match="state_dict"):
+    with pytest.raises(client_app.MalformedInstruction,
+                       match="arrays are not the tutorial-cnn model's"):
         client_app.app(Message(content=other, dst_node_id=7, message_type="train"), context)
+    assert not cache_dir.exists()  # refused before the node's data was decoded and cached
 
 
 def test_scaffold_keeps_the_client_control_in_the_node_state(
