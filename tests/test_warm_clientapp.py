@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedcifar_app import warm_clientapp
-from fedcifar_app.local_simulation import stop_process_tree
+from fedcifar_app.local_simulation import descendants, stop_process_tree
 
 
 def start_server(socket_path: Path, log: Path) -> subprocess.Popen:
@@ -165,3 +165,24 @@ def test_the_shim_does_not_talk_to_another_users_socket(tmp_path: Path) -> None:
         assert warm_clientapp._connect(str(socket_path)) is None
     finally:
         listener.close()
+
+
+def test_concurrent_messages_are_bounded(server: tuple[Path, Path]) -> None:
+    """More connections than MAX_HANDLERS at once: no more handlers than that are
+    forked; the others wait their turn."""
+    socket_path, _ = server
+    if shutil.which("fuser") is None:
+        pytest.skip("needs fuser (psmisc) to find the server's PID")
+    (server_pid,) = map(int, subprocess.run(["fuser", str(socket_path)], capture_output=True,
+                                            text=True).stdout.split())
+    connections = []
+    try:
+        for _ in range(warm_clientapp.MAX_HANDLERS + 8):
+            connection = socket.socket(socket.AF_UNIX)
+            connection.connect(str(socket_path))
+            connections.append(connection)
+        time.sleep(2)
+        assert len(descendants(server_pid)) == warm_clientapp.MAX_HANDLERS
+    finally:
+        for connection in connections:
+            connection.close()
