@@ -121,3 +121,38 @@ def test_a_port_held_by_another_user_is_refused(tmp_path: Path) -> None:
     finally:
         stop_process_tree(squatter.pid)
         squatter.wait()
+
+
+FLWR_DEFAULT_PORTS = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39091",
+                      "FLWR_LOCAL_CONTROL_API_PORT": "39093"}
+
+
+def test_the_readme_commands_never_run_in_another_environments_superlink(
+        flower_env: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
+    """Another environment started flwr's own managed SuperLink (on flwr's fixed ports,
+    as any `flwr run .` there does); a new user (another FLWR_HOME, no port variables)
+    runs the README's commands: the run lands in a SuperLink of their own, and the other
+    one never sees it (without the setup, flwr would have sent it there)."""
+    if any(listener_on(int(port)) for port in FLWR_DEFAULT_PORTS.values()):
+        pytest.skip("flwr's default local SuperLink ports (39091, 39093) are taken here")
+    theirs = {**flower_env, **FLWR_DEFAULT_PORTS, "FLWR_HOME": str(tmp_path / "their-home"),
+              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    mine = {key: value for key, value in flower_env.items() if key not in FLWR_DEFAULT_PORTS}
+    mine["FLWR_HOME"] = str(tmp_path / "new-user-flwr-home")
+    try:
+        done = run(["flwr", "federation", "simulation-config", "--num-supernodes", "2"], theirs)
+        assert done.returncode == 0, done.stdout + done.stderr
+        done = run(SETUP, mine)
+        assert done.returncode == 0, done.stdout + done.stderr
+        done = run(["flwr", "run", ".", "--stream", "--run-config",
+                    f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
+                    f"output-dir='{tmp_path / 'out'}' num-server-rounds=1 local-epochs=1"],
+                   mine)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert len(list((tmp_path / "out").glob("flwr-run-*/results.json"))) == 1
+        runs_of = {name: json.loads(run(["flwr", "ls", "--format", "json"], env).stdout)["runs"]
+                   for name, env in (("mine", mine), ("theirs", theirs))}
+        assert len(runs_of["mine"]) == 1 and runs_of["theirs"] == []
+    finally:
+        for pid in managed_superlink_pids(mine) + managed_superlink_pids(theirs):
+            stop_process_tree(pid)
