@@ -9,11 +9,11 @@ batch 10, SGD lr 0.1, the tutorial CNN), run without DP and with ``dp='server'``
 each target epsilon (delta 1e-5, below 1/1,000). For a target, the noise multiplier
 is the smallest that keeps epsilon after --rounds rounds at or below it (bisection
 on the accountant the runs use, PLD unless --accountant says rdp; ``dp-max-epsilon``
-is the target, so no run can overshoot). Same seed, rounds and clipping norm for every run. DP's cohorts and
-noise are private draws, not functions of the seed, so each target runs --repeats times
-("epsilon 8", "epsilon 8, draw 2", ...) and the summary gives mean and sample std of the
-final accuracy. Results go to privacy.json under --out after each run; finished runs are
-skipped.
+is the target, so no run can overshoot). Same seed, rounds and clipping norm for every
+run. DP's cohorts and noise are private draws, not functions of the seed, so each target
+runs --repeats times ("epsilon 8", "epsilon 8, draw 2", ...) and the summary gives mean
+and sample std of the final accuracy. Results go to privacy.json under --out after each
+run; finished runs are skipped.
 """
 
 from __future__ import annotations

@@ -13,12 +13,12 @@ the tests check that README.md holds each one verbatim): certificates, the
 SuperLink on the host's loopback, the Fleet-only proxy (nginx) on port 8000, the
 connection entry and a registered key per SuperNode on the SuperLink's host, the
 SuperNodes with their own data folders, and ``flwr run`` on the SuperLink's host;
-the workstation is an outsider that can reach port 8000 and nothing else. Node 0's uplink is limited with a ``tc`` token
-bucket and node 1 drops incoming packets at random with nftables (``--no-impair``
-turns both off). Every namespace, link and process it made is removed at the
-end, also on failure or Ctrl-C. Needs root (or CAP_NET_ADMIN), ``ip``, ``tc``,
-``nft``, ``openssl``, ``ssh-keygen`` and ``nginx``. The tests use ``Network`` directly to
-cut links and kill nodes mid-run.
+the workstation is an outsider that can reach port 8000 and nothing else. Node 0's
+uplink is limited with a ``tc`` token bucket and node 1 drops incoming packets at
+random with nftables (``--no-impair`` turns both off). Every namespace, link and
+process it made is removed at the end, also on failure or Ctrl-C. Needs root (or
+CAP_NET_ADMIN), ``ip``, ``tc``, ``nft``, ``openssl``, ``ssh-keygen`` and ``nginx``.
+The tests use ``Network`` directly to cut links and kill nodes mid-run.
 """
 
 from __future__ import annotations

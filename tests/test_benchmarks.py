@@ -17,6 +17,9 @@ import pytest
 
 from tests.conftest import ROOT, run
 
+# Minutes, not seconds (every benchmark script, end to end): `pytest -m "not slow"` skips it.
+pytestmark = pytest.mark.slow
+
 
 def benchmark(name: str, env: dict[str, str], *args: str) -> str:
     done = run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args], env)

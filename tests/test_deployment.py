@@ -26,6 +26,9 @@ from fedcifar_app.local_simulation import descendants
 from fedcifar_app.results import load_results
 from fedcifar_app.strategies import CHECKPOINT_FILE, load_checkpoint
 
+# Minutes, not seconds (real SuperLinks and SuperNodes): `pytest -m "not slow"` skips it.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 300
 

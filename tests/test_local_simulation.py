@@ -21,6 +21,9 @@ from fedcifar_app.local_simulation import (PORT_BASE, PORT_PAIRS, flwr_home,
                                            managed_superlink_pids, stop_process_tree)
 from tests.conftest import run
 
+# Minutes, not seconds (SuperLinks started and stopped): `pytest -m "not slow"` skips it.
+pytestmark = pytest.mark.slow
+
 SETUP = [sys.executable, "-m", "fedcifar_app.local_simulation", "--num-supernodes", "2"]
 
 

@@ -18,6 +18,9 @@ from fedcifar_app.federation import split_node_data
 from fedcifar_app.local_simulation import stop_process_tree
 from fedcifar_app.results import load_results
 
+# Minutes, not seconds (network namespaces and a deployment): `pytest -m "not slow"` skips it.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 # The README's example values for what fedcifar_app/netns.py fills in.
 README_EXAMPLE = {"key": "node-a", "data": "/data/cifar10-site-a", "ca": "/path/to/ca.crt"}

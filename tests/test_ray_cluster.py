@@ -14,6 +14,9 @@ from fedcifar_app import netns, ray_cluster
 from fedcifar_app.local_simulation import managed_superlink_pids
 from fedcifar_app.results import load_results
 
+# Minutes, not seconds (a Ray cluster): `pytest -m "not slow"` skips it.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

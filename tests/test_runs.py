@@ -6,7 +6,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run
+
+# Minutes, not seconds (whole flwr run . simulations): `pytest -m "not slow"` skips it.
+pytestmark = pytest.mark.slow
 
 RUNS = [sys.executable, "-m", "fedcifar_app.runs"]
 

@@ -16,6 +16,9 @@ from fedcifar_app.data import PartitionScheme, load_partition
 from fedcifar_app.results import FINAL_MODEL_FILE, PLOT_FILE, load_results
 from tests.conftest import flwr_run
 
+# Minutes, not seconds (whole flwr run . simulations): `pytest -m "not slow"` skips it.
+pytestmark = pytest.mark.slow
+
 
 def completed_run(env: dict[str, str], tiny_dataset: Path, tmp_path: Path, settings: str,
                   out: str = "out", federation_config: str | None = None) -> Path:
