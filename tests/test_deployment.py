@@ -12,6 +12,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 import tomllib
 from collections.abc import Iterator
@@ -357,14 +358,25 @@ def test_the_launchers_processes_send_no_telemetry(monkeypatch: pytest.MonkeyPat
     assert launcher.process_env({"EXTRA": "x"})["FLWR_TELEMETRY_ENABLED"] == "0"
 
 
-def test_private_keys_are_never_readable_by_others(tmp_path: Path) -> None:
-    """Whatever the umask, server.key and node keys are created 0600, not chmodded after."""
+def test_private_keys_are_never_readable_by_others() -> None:
+    """Whatever the umask, server.key and node keys are created 0600, not chmodded
+    after: user nobody cannot read them, in a folder anyone may enter."""
+    folder = Path(tempfile.mkdtemp(prefix="fedcifar-keys-"))
+    folder.chmod(0o755)
     umask = os.umask(0)
     try:
-        launcher.write_tls_files(tmp_path)
-        private, public = launcher.write_node_keys(tmp_path, "node")
+        launcher.write_tls_files(folder)
+        private, public = launcher.write_node_keys(folder, "node")
+        for key in (folder / "server.key", private):
+            assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+        assert stat.S_IMODE(public.stat().st_mode) == 0o666  # the public half may be read
+        if os.geteuid() == 0 and shutil.which("setpriv"):
+            for path, readable in ((folder / "server.key", False), (private, False),
+                                   (public, True)):
+                read = subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup",
+                                       "--clear-groups", "cat", str(path)],
+                                      capture_output=True, text=True)
+                assert (read.returncode == 0) == readable, (path, read.stderr)
     finally:
         os.umask(umask)
-    for key in (tmp_path / "server.key", private):
-        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
-    assert stat.S_IMODE(public.stat().st_mode) == 0o666  # the public half may be read
+        shutil.rmtree(folder)
