@@ -114,8 +114,8 @@ def test_a_cut_link_and_a_sigkill_mid_round_do_not_stop_the_run(
 def test_only_supernodes_get_in_through_the_readmes_proxy(
         network: netns.Network, tiny_dataset: Path, tmp_path: Path) -> None:
     """The README's deployment, literally: from a SuperNode's namespace and from the
-    workstation, registering a key, listing runs and starting a run are refused at the
-    proxy (403), and the SuperLink's own port cannot be reached; the SuperNodes train
+    workstation, registering a key, listing runs, starting a run and calling the Runtime
+    API are refused at the proxy (403), and the SuperLink's own port cannot be reached; the SuperNodes train
     through the proxy and the run, started on the SuperLink's host, completes."""
     folders = split_node_data(tiny_dataset, tmp_path / "data", 3, seed=42)
     federation = netns.Federation(network, tmp_path / "hosts", folders)
@@ -130,6 +130,12 @@ def test_only_supernodes_get_in_through_the_readmes_proxy(
             done = federation.flwr_from(host, *attempt)
             assert done.returncode != 0, (host, attempt, done.stdout)
             assert "403 Forbidden" in done.stdout + done.stderr, (host, attempt, done.stdout)
+        runtime = subprocess.run(network.command(host, [
+            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "--cacert",
+            str(tmp_path / "hosts" / "superlink" / "ca.crt"),
+            "https://superlink.example.org:8000/v1/runtime/pull-messages"]),
+            capture_output=True, text=True)
+        assert runtime.stdout == "403", (host, runtime.stdout, runtime.stderr)
         direct = subprocess.run(network.command(host, [
             "python3", "-c", "import socket; socket.create_connection(('10.0.0.5', 9091), 5)"]),
             capture_output=True, text=True)
