@@ -25,8 +25,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as legacy
 
 from fedcifar_app import task
-from fedcifar_app.config import (NodeConfigError, RunConfig, device_problem,
-                                 node_config_problems)
+from fedcifar_app.config import NodeConfigError, RunConfig, node_config_problems
 from fedcifar_app.errors import AnticipatedError
 from fedcifar_app.data import PartitionScheme, load_node_data, load_partition, load_partitions
 from fedcifar_app.secure_updates import (LEGACY_EVALUATE_PARAMETERS, LEGACY_FIT_PARAMETERS,
@@ -112,12 +111,9 @@ def worker_identity() -> ConfigRecord:
 
 
 def node_device(config: RunConfig, node_config: dict) -> torch.device:
-    """The node config's ``device`` if it sets one, else the run config's."""
-    requested = str(node_config.get("device", config.device))
-    problem = device_problem(requested)
-    if problem is not None:
-        raise NodeConfigError(f"node config 'device' {problem}, got {requested!r}")
-    return task.resolve_device(requested)
+    """The node config's ``device`` if it sets one (node_config_problems checked it), else
+    the run config's."""
+    return task.resolve_device(str(node_config.get("device", config.device)))
 
 
 def _data_on(device: torch.device, config: RunConfig,
