@@ -24,7 +24,8 @@ import statistics
 from common import add_data_arguments, data_config, load, machine, run_resumable, save
 from cross_device import WORKLOAD
 
-from fedcifar_app.strategies.privacy import ACCOUNTANTS, PrivacyLedger
+from fedcifar_app.config import DP_ACCOUNTANTS
+from fedcifar_app.strategies.privacy import PrivacyLedger
 
 USERS, SAMPLING_RATE, DELTA = 1000, 0.05, 1e-5
 
@@ -54,7 +55,7 @@ def main() -> None:
                         help="C (default 0.2: first-round client updates here have "
                         "norms 0.10-0.16)")
     parser.add_argument("--delta", type=float, default=DELTA)
-    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="pld")
+    parser.add_argument("--accountant", choices=DP_ACCOUNTANTS, default="pld")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per target epsilon (their noise differs)")
     args = parser.parse_args()

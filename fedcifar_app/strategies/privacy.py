@@ -57,8 +57,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
-ACCOUNTANTS = ("pld", "rdp")
-ACCOUNTING = {
+ACCOUNTING = {  # by dp-accountant (config.DP_ACCOUNTANTS)
     "pld": "PLD (dp-accounting's privacy loss distribution, pessimistic estimate), user "
            "level, add-or-remove-one neighbours, one Poisson-sampled Gaussian mechanism "
            "per round",
@@ -90,12 +89,20 @@ class PrivacyLedger:
     sampling_rate: float
     delta: float
     max_epsilon: float = 0.0  # 0: no cap
-    accountant: str = "pld"  # one of ACCOUNTANTS
+    accountant: str = "pld"  # one of config.DP_ACCOUNTANTS
     rounds: int = 0
     epsilon_by_round: dict[int, float] = field(default_factory=dict)
+    _epsilon_after: dict[int, float] = field(default_factory=dict, init=False, repr=False,
+                                             compare=False)
 
     def epsilon(self, rounds: int) -> float:
-        """Epsilon at ``delta`` after ``rounds`` rounds (infinite without noise)."""
+        """Epsilon at ``delta`` after ``rounds`` rounds (infinite without noise); each
+        count computed once (check_next asks for the one spend then records)."""
+        if rounds not in self._epsilon_after:
+            self._epsilon_after[rounds] = self._composed_epsilon(rounds)
+        return self._epsilon_after[rounds]
+
+    def _composed_epsilon(self, rounds: int) -> float:
         if rounds == 0:
             return 0.0
         if self.noise_multiplier == 0:
