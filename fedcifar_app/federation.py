@@ -43,7 +43,8 @@ from pathlib import Path
 import tomli_w
 
 from fedcifar_app import fast_supernode, fleet_proxy, warm_clientapp
-from fedcifar_app.local_simulation import flwr_home, is_alive, stop_process_tree
+from fedcifar_app.local_simulation import (flwr_home, is_alive, set_connection,
+                                           stop_process_tree)
 from fedcifar_app.results import atomic_write
 
 DEFAULT_NAME = "local-deployment"
@@ -261,18 +262,12 @@ def _flwr(*args: str) -> subprocess.CompletedProcess:
 
 def write_connection(federation: Federation) -> Path:
     """Add or replace [superlink.<name>] in the Flower configuration file."""
-    path = flwr_home() / "config.toml"
-    config = tomllib.loads(path.read_text()) if path.exists() else {
-        "superlink": {"default": "local", "local": {"address": ":local:"}}}
     connection: dict[str, object] = {"address": federation.address}
     if federation.tls:
         connection["root-certificates"] = str(federation.path("ca.crt"))
     else:
         connection["insecure"] = True
-    config.setdefault("superlink", {})[federation.name] = connection
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text(tomli_w.dumps(config)))
-    return path
+    return set_connection(federation.name, connection)
 
 
 def remove_connection(name: str) -> None:

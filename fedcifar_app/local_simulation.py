@@ -146,13 +146,22 @@ def foreign_listeners(environ: Mapping[str, str] = os.environ) -> list[Listener]
 def point_connection_at(address: str, environ: Mapping[str, str] = os.environ) -> Path:
     """Set the ``local`` connection of $FLWR_HOME/config.toml to ``address`` (flwr's
     ``:local:`` lets flwr start its managed SuperLink; an explicit address is used as
-    it is), keeping the rest of the file; written whole or not at all."""
+    it is)."""
+    return set_connection(CONNECTION, {"address": address} if address == ":local:"
+                          else {"address": address, "insecure": True}, environ)
+
+
+def set_connection(name: str, connection: dict[str, object],
+                   environ: Mapping[str, str] = os.environ) -> Path:
+    """Add or replace [superlink.<name>] in $FLWR_HOME/config.toml, keeping the rest of
+    the file (a missing file gets flwr's default connection, ``local``); written whole
+    or not at all."""
     path = flwr_home(environ) / "config.toml"
-    config = tomllib.loads(path.read_text()) if path.exists() else {}
+    config = tomllib.loads(path.read_text()) if path.exists() else {
+        "superlink": {"default": CONNECTION, CONNECTION: {"address": ":local:"}}}
     superlink = config.setdefault("superlink", {})
     superlink.setdefault("default", CONNECTION)
-    superlink[CONNECTION] = ({"address": address} if address == ":local:"
-                             else {"address": address, "insecure": True})
+    superlink[name] = connection
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_text(tomli_w.dumps(config)))
     return path
