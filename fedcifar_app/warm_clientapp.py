@@ -121,9 +121,8 @@ def serve(socket_path: Path) -> None:
     while True:
         _reap(handlers, wait=len(handlers) >= MAX_HANDLERS)
         connection, _ = listener.accept()
-        if peer_uid(connection) != os.getuid():
-            print(f"[fedcifar] refused a connection from uid {peer_uid(connection)}",
-                  flush=True)
+        if (peer := peer_uid(connection)) != os.getuid():
+            print(f"[fedcifar] refused a connection from uid {peer}", flush=True)
             connection.close()
             continue
         handler = os.fork()
@@ -139,10 +138,10 @@ def _listen(socket_path: Path) -> socket.socket:
     that is someone else's, or a live server's, is refused."""
     ensure_private_directory(socket_path.parent)
     if socket_path.is_symlink() or socket_path.exists():
-        owner = socket_path.lstat().st_uid
-        if owner != os.getuid() or not stat.S_ISSOCK(socket_path.lstat().st_mode):
+        info = socket_path.lstat()
+        if info.st_uid != os.getuid() or not stat.S_ISSOCK(info.st_mode):
             raise SystemExit(f"[fedcifar] ERROR refusing to start: {socket_path} exists and "
-                             f"is not a socket of this user (owner uid {owner})")
+                             f"is not a socket of this user (owner uid {info.st_uid})")
         if _connect(str(socket_path)) is not None:
             raise SystemExit(f"[fedcifar] ERROR a warm ClientApp server already listens on "
                              f"{socket_path}")
@@ -263,8 +262,8 @@ def _connect(socket_path: str) -> socket.socket | None:
         if owner != os.getuid():
             raise PermissionError(f"owned by uid {owner}")
         connection.connect(socket_path)
-        if peer_uid(connection) != os.getuid():
-            raise PermissionError(f"served by uid {peer_uid(connection)}")
+        if (peer := peer_uid(connection)) != os.getuid():
+            raise PermissionError(f"served by uid {peer}")
     except PermissionError as err:
         print(f"[fedcifar] not using the warm ClientApp socket {socket_path}: {err}",
               file=sys.stderr)
