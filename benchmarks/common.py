@@ -28,7 +28,7 @@ def machine() -> dict[str, Any]:
 
 def process_tree_rss(root_pids: list[int]) -> int:
     """Summed resident memory (bytes) of ``root_pids`` and all their descendants."""
-    from fedcifar_app.local_simulation import descendants
+    from fedcifar_app.ops.local_simulation import descendants
 
     total = 0
     for pid in {p for root in root_pids for p in (root, *descendants(root))}:
@@ -65,17 +65,17 @@ class PeakRss:
 
 def flwr_run(run_config: str, federation_config: str | None = None,
              timeout: float = 3600, connection: str | None = None) -> tuple[float, Path, str]:
-    """``flwr run . [connection]``, its log streamed, through ``fedcifar_app.runs start``
+    """``flwr run . [connection]``, its log streamed, through ``fedcifar_app.ops.runs start``
     (which exits non-zero unless the run completed); return (wall seconds, run folder,
     output).
 
     Never on a managed SuperLink that would ``uv sync`` the app's dependencies into a
     fresh environment for the run (minutes and gigabytes, and a different torch):
     such a one is stopped, and ``flwr`` starts the next without installation."""
-    from fedcifar_app.local_simulation import DISABLE_INSTALL_ENV, stop_installing_superlinks
+    from fedcifar_app.ops.local_simulation import DISABLE_INSTALL_ENV, stop_installing_superlinks
 
     stop_installing_superlinks()
-    command = [sys.executable, "-m", "fedcifar_app.runs", "start",
+    command = [sys.executable, "-m", "fedcifar_app.ops.runs", "start",
                *([connection] if connection else []), "--run-config", run_config]
     if federation_config:
         command += ["--federation-config", federation_config]
@@ -118,11 +118,10 @@ def run_resumable(run_config: str, run_root: Path, label: str,
 def _at_last_round(checkpoint: Path, run_config: str) -> bool:
     """Whether ``checkpoint`` holds the run's last round (cut off while finishing:
     there is nothing left to resume, so it starts over)."""
-    from flwr.common.config import parse_config_args
-
+    from fedcifar_app import compat
     from fedcifar_app.strategies import load_checkpoint
 
-    rounds = parse_config_args([run_config]).get("num-server-rounds")
+    rounds = compat.parse_run_config(run_config).get("num-server-rounds")
     return rounds is not None and load_checkpoint(str(checkpoint)).round >= int(rounds)
 
 

@@ -43,7 +43,7 @@ from common import PeakRss, add_data_arguments, data_config, flwr_run, load, mac
 
 from fedcifar_app import task
 from fedcifar_app.data import PartitionScheme, load_partitions
-from fedcifar_app.local_simulation import managed_superlink_pids
+from fedcifar_app.ops.local_simulation import managed_superlink_pids
 
 BATCH, LEARNING_RATE, SEED = 10, 0.1, 42
 WORKLOAD = (f"partitioner='iid' validation-fraction=0.0 fraction-evaluate=0.0 local-epochs=1 "

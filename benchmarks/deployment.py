@@ -5,13 +5,13 @@
         [--node-data partitions|folders]
 
 Runs the default config for --rounds rounds (plus --run-config) as a real loopback
-deployment (``fedcifar_app.federation up --nodes N --tls --auth``: one SuperLink, N
+deployment (``fedcifar_app.ops.federation up --nodes N --tls --auth``: one SuperLink, N
 SuperNodes with one torch thread each), each right after a simulation of the same config
 with --nodes virtual SuperNodes (one CPU each), in up to three ways:
 ``cold-stock``, as Flower runs it (a fresh flwr-clientapp process per message and
 ``flower-supernode`` with its 3 s pause after an empty pull: ``--cold-clientapps
 --stock-supernodes``); ``warm-stock``, with ClientApps forked from the warm server;
-``warm-fast``, with warm ClientApps and ``fedcifar_app.fast_supernode`` (the
+``warm-fast``, with warm ClientApps and ``fedcifar_app.ops.fast_supernode`` (the
 launcher's default). With ``--node-data partitions`` (the default) the nodes serve the
 simulation's partitions (``partition-id``/``num-partitions``), so a deployment samples
 and trains the same partitions in the same order as the simulation and their
@@ -40,7 +40,7 @@ from pathlib import Path
 
 from common import ROOT, add_data_arguments, data_config, flwr_run, load, machine, save
 
-from fedcifar_app import federation
+from fedcifar_app.ops import federation
 from fedcifar_app.config import RunConfig
 from fedcifar_app.data import load_node_data
 

@@ -25,7 +25,7 @@ from common import add_data_arguments, data_config, load, machine, run_resumable
 from cross_device import WORKLOAD
 
 from fedcifar_app.config import DP_ACCOUNTANTS
-from fedcifar_app.strategies.privacy import PrivacyLedger
+from fedcifar_app.extensions.privacy.server import PrivacyLedger
 
 USERS, SAMPLING_RATE, DELTA = 1000, 0.05, 1e-5
 

@@ -67,23 +67,21 @@ def aggregation_seconds(defence: str, norm_bound: float, repeats: int = 5) -> fl
 
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-    from flwr.common.config import parse_config_args
-    from flwr.supercore.task_identity import TaskIdentity
 
-    from fedcifar_app import task
+    from fedcifar_app import compat, task
     from fedcifar_app.config import RunConfig
+    from fedcifar_app.extensions import build_strategy
     from fedcifar_app.results import RunRecorder
-    from fedcifar_app.strategies import build_strategy
 
     # Flower's runtime says who is running before a Message is built; here: a ServerApp.
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    compat.act_as_serverapp()
     start = task.Net().state_dict()
     generator = torch.Generator().manual_seed(0)
     times = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as folder:
-            config = RunConfig.from_mapping({**parse_config_args(
-                [DEFENCES[defence].format(bound=norm_bound)]), "min-available-nodes": 1})
+            config = RunConfig.from_mapping({**compat.parse_run_config(
+                DEFENCES[defence].format(bound=norm_bound)), "min-available-nodes": 1})
             strategy = build_strategy(config, RunRecorder(Path(folder), kind="federated",
                                                           unit="round", run_config={}))
             strategy._global_arrays = ArrayRecord(start)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from common import PeakRss, add_data_arguments, data_config, flwr_run, load, machine, save
 
-from fedcifar_app.local_simulation import managed_superlink_pids
+from fedcifar_app.ops.local_simulation import managed_superlink_pids
 
 TRAIN_FRACTION = 0.1
 EVALUATE_FRACTION = 0.05

@@ -15,7 +15,7 @@ All three use --model on --device.
 Prints samples/s and the ratio of each to the limit, and splits the federated run
 into fixed start-up cost (flwr, SuperLink, Ray, first ClientApps) and per-round cost.
 Writes speed.json under --out. Needs the simulation set up with
-``python -m fedcifar_app.local_simulation`` (any number of SuperNodes: this passes
+``python -m fedcifar_app.ops.local_simulation`` (any number of SuperNodes: this passes
 its own --federation-config).
 """
 

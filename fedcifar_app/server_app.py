@@ -1,4 +1,10 @@
-"""fedcifar ServerApp: the configured strategy, server-side evaluation, run outputs."""
+"""fedcifar ServerApp: the configured strategy, server-side evaluation, run outputs.
+
+``run`` reads top to bottom as the seed's ServerApp grown up: the validated config (and
+the checkpoint it resumes), the model and the test split, the strategy the extensions
+registry composes, the rounds, the outputs. Failures the project anticipates end the
+run in one line (see errors).
+"""
 
 from __future__ import annotations
 
@@ -12,59 +18,22 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedcifar_app import task
+from fedcifar_app import extensions, task
+from fedcifar_app.compat import reported_in_one_line, shorten_object_pull_backoff
 from fedcifar_app.config import ConfigError, RunConfig
 from fedcifar_app.data import load_split
-from fedcifar_app.errors import reported_in_one_line
-from fedcifar_app.flower_waits import shorten_object_pull_backoff
 from fedcifar_app.results import RunRecorder, load_results
-from fedcifar_app.strategies import (Checkpoint, PrivacyBudgetSpent, RecoveringGrid,
-                                     build_strategy, load_checkpoint, phase_retries,
-                                     resume_problems, strategy_grid)
-from fedcifar_app.strategies.secure import run_secure_aggregation
+from fedcifar_app.strategies import (Checkpoint, RecoveringGrid, RunEndsEarly, load_checkpoint,
+                                     resume_problems)
+from fedcifar_app.strategies.checkpoint import resume_settings
 from fedcifar_app.task import BatchLoader
 
 app = ServerApp()
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)  # Flower samples nodes with the random module.
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _checkpoint_to_resume(config: RunConfig) -> Checkpoint | None:
-    if not config.resume_from:
-        return None
-    checkpoint = load_checkpoint(config.resume_from)
-    if checkpoint.round >= config.num_server_rounds:
-        raise ConfigError(f"'resume-from' {checkpoint.path} is at round {checkpoint.round}, "
-                          f"num-server-rounds is {config.num_server_rounds}: nothing to do")
-    if checkpoint.model_name != config.model:
-        raise ConfigError(f"'resume-from' {checkpoint.path} holds a {checkpoint.model_name} "
-                          f"model, 'model' is {config.model}: set model='"
-                          f"{checkpoint.model_name}' to resume it")
-    problems = resume_problems(checkpoint, config)
-    if problems:
-        raise ConfigError(f"'resume-from' {checkpoint.path} cannot be continued by this "
-                          "run: " + "; ".join(problems) + " (resume with the settings it "
-                          "was written with, or start afresh)")
-    return checkpoint
-
-
-def _earlier_entries(checkpoint: Checkpoint) -> list[dict]:
-    """The resumed run's results up to its checkpoint, so one history covers both."""
-    try:
-        entries = load_results(checkpoint.path.parent)["entries"]
-    except (OSError, ValueError, KeyError):
-        return []
-    return [entry for entry in entries if entry["round"] <= checkpoint.round]
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the configured strategy, evaluating the global model on the test split; a
-    failure the project anticipates ends the run in one line (see errors)."""
+    """Run the configured strategy, evaluating the global model on the test split."""
     with reported_in_one_line():
         run(grid, context)
 
@@ -78,13 +47,12 @@ def run(grid: Grid, context: Context) -> None:
     device = task.resolve_device(config.device)
     net = task.build_model(config.model).to(device)
     log(INFO, "[fedcifar] model %s, server-side evaluation on %s", config.model, device)
-    # The test split is decoded (or mapped from the cache) once for the whole run, and
-    # goes to the device once.
+    # The test split is decoded (or mapped from the cache) once, and goes to the device once.
     test_loader = BatchLoader(
         load_split(config.dataset, "test", config.cache_root).to(device), task.EVAL_BATCH_SIZE)
     recorder = RunRecorder(run_dir, kind="federated", unit="round",
                            run_config=config.to_dict(), extra={"run_id": context.run_id})
-    strategy = build_strategy(config, recorder)
+    strategy = extensions.build_strategy(config, recorder)
     if checkpoint is not None:
         log(INFO, "[fedcifar] resuming after round %d from %s", checkpoint.round,
             checkpoint.path)
@@ -113,25 +81,17 @@ def run(grid: Grid, context: Context) -> None:
     # A reply seen before its arrays are all pushed should not cost Flower's 1 s backoff.
     shorten_object_pull_backoff()
     # Replaces nodes that fail mid-round, and pulls replies without Flower's 3 s pauses.
-    recovering_grid = RecoveringGrid(grid, phase_retries(config),
+    recovering_grid = RecoveringGrid(grid, extensions.phase_retries(config),
                                      on_phase_end=strategy.record_phase,
                                      rng=random.Random(config.seed))
-    initial_arrays = ArrayRecord(task.cpu_state_dict(net))
-    num_rounds = config.num_server_rounds - strategy.round_offset
     try:
         strategy.meet_nodes(recovering_grid)
-        if config.secure_aggregation:
-            final = run_secure_aggregation(recovering_grid, context, config, strategy,
-                                           initial_arrays, evaluate_global_model, num_rounds)
-        else:
-            final = strategy.start(
-                grid=strategy_grid(config, recovering_grid, strategy),
-                initial_arrays=initial_arrays, num_rounds=num_rounds,
-                timeout=config.round_timeout, evaluate_fn=evaluate_global_model,
-            ).arrays
-    except PrivacyBudgetSpent as spent:  # a clean end: the model of the last round run
-        log(INFO, "[fedcifar] privacy budget: %s", spent)
-        recorder.extra["stopped"] = str(spent)
+        final = extensions.run_rounds(
+            recovering_grid, context, config, strategy, ArrayRecord(task.cpu_state_dict(net)),
+            evaluate_global_model, config.num_server_rounds - strategy.round_offset)
+    except RunEndsEarly as ended:  # a clean end: the model of the last round run
+        log(INFO, "[fedcifar] %s", ended)
+        recorder.extra["stopped"] = str(ended)
         final = strategy.latest_arrays()
     except Exception as err:
         recorder.extra["error"] = f"{type(err).__name__}: {err}"
@@ -142,3 +102,38 @@ def run(grid: Grid, context: Context) -> None:
     log(INFO, "[fedcifar] best test accuracy %.4f (round %s)", recorder.best_accuracy,
         recorder.best_index)
     log(INFO, "[fedcifar] results, models and plot written to %s", run_dir)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)  # Flower samples nodes with the random module.
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _checkpoint_to_resume(config: RunConfig) -> Checkpoint | None:
+    if not config.resume_from:
+        return None
+    checkpoint = load_checkpoint(config.resume_from)
+    if checkpoint.round >= config.num_server_rounds:
+        raise ConfigError(f"'resume-from' {checkpoint.path} is at round {checkpoint.round}, "
+                          f"num-server-rounds is {config.num_server_rounds}: nothing to do")
+    if checkpoint.model_name != config.model:
+        raise ConfigError(f"'resume-from' {checkpoint.path} holds a {checkpoint.model_name} "
+                          f"model, 'model' is {config.model}: set model='"
+                          f"{checkpoint.model_name}' to resume it")
+    problems = resume_problems(checkpoint, resume_settings(config,
+                                                           extensions.resume_keys(config)))
+    if problems:
+        raise ConfigError(f"'resume-from' {checkpoint.path} cannot be continued by this "
+                          "run: " + "; ".join(problems) + " (resume with the settings it "
+                          "was written with, or start afresh)")
+    return checkpoint
+
+
+def _earlier_entries(checkpoint: Checkpoint) -> list[dict]:
+    """The resumed run's results up to its checkpoint, so one history covers both."""
+    try:
+        entries = load_results(checkpoint.path.parent)["entries"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [entry for entry in entries if entry["round"] <= checkpoint.round]

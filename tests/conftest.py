@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedcifar_app.federation import free_port
-from fedcifar_app.local_simulation import (installs_dependencies, managed_superlink_pids,
+from fedcifar_app.ops.federation import free_port
+from fedcifar_app.ops.local_simulation import (installs_dependencies, managed_superlink_pids,
                                            stop_process_tree)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def server_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 def replay_private_draws(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - a restart function
     """A function that restarts DP's private draws from a fixed sequence of seeds: only
     for tests that compare two runs which must draw alike."""
-    from fedcifar_app.strategies import privacy
+    from fedcifar_app.extensions.privacy import server as privacy
 
     def restart() -> None:
         seeds = itertools.count()
@@ -138,7 +138,7 @@ def flwr_run(env: dict[str, str], run_config: str,
 
 @pytest.fixture(scope="module")
 def local_simulation(flower_env: dict[str, str]) -> dict[str, str]:
-    done = run([sys.executable, "-m", "fedcifar_app.local_simulation", "--num-supernodes", "3"],
+    done = run([sys.executable, "-m", "fedcifar_app.ops.local_simulation", "--num-supernodes", "3"],
                flower_env)
     assert done.returncode == 0, done.stdout + done.stderr
     (pid,) = managed_superlink_pids(flower_env)

@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from fedcifar_app import client_app, data, server_app
 from fedcifar_app.config import (NODE_KEYS, ConfigError, NodeConfigError, RunConfig,
                                  node_config_problems)
-from fedcifar_app.strategies.safeguards import RunFailedError, update_problem
+from fedcifar_app.strategies import RunFailedError
+from fedcifar_app.strategies.replies import update_problem
+from fedcifar_app.node import MalformedInstruction
 from tests.test_client_app import SIMULATED, make_context
 from tests.test_strategy import GLOBAL, make_strategy, state_dict
 
@@ -97,7 +99,7 @@ def test_a_malformed_instruction_is_refused_clearly_and_nothing_is_written(
     cache = tmp_path / "cache"
     context = make_context(tiny_dataset, cache, SIMULATED)
     context.run_config["output-dir"] = str(tmp_path / "out")
-    with pytest.raises(client_app.MalformedInstruction, match="instruction cannot be used") \
+    with pytest.raises(MalformedInstruction, match="instruction cannot be used") \
             as refused:
         client_app.app(train_message(content), context)
     assert expected in str(refused.value)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedcifar_app import attacks, client_app, task
-from fedcifar_app.attacks import NodeAttack
+from fedcifar_app import client_app, task
+from fedcifar_app.extensions.attacks import attacker as attacks
+from fedcifar_app.extensions.attacks.attacker import NodeAttack
 from fedcifar_app.config import ConfigError, RunConfig
 from tests.test_client_app import SIMULATED, make_context, make_message, task_identity  # noqa: F401 (autouse)
 
@@ -140,7 +141,7 @@ TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 7, 1
 context = make_context({str(tiny_dataset)!r}, {str(cache_dir)!r}, {SIMULATED!r})
 reply = client_app.app(make_message("train", task.Net()), context)
 assert not reply.has_error()
-print("attacks loaded:", "fedcifar_app.attacks" in sys.modules)
+print("attacks loaded:", "fedcifar_app.extensions.attacks.attacker" in sys.modules)
 """
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           timeout=120, cwd=Path(__file__).resolve().parents[1])

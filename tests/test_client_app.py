@@ -10,7 +10,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedcifar_app import client_app, task
-from fedcifar_app.client_app import NodeConfigError
+from fedcifar_app.config import NodeConfigError
+from fedcifar_app.node import MalformedInstruction
 from fedcifar_app.config import ConfigError
 
 
@@ -112,7 +113,7 @@ def test_arrays_of_another_model_are_rejected(tiny_dataset: Path, cache_dir: Pat
     context = make_context(tiny_dataset, cache_dir, SIMULATED)
     other = RecordDict({"arrays": ArrayRecord({"fc.weight": torch.zeros(2, 2)}),
                         "config": ConfigRecord({"server-round": 1})})
-    with pytest.raises(client_app.MalformedInstruction,
+    with pytest.raises(MalformedInstruction,
                        match="arrays are not the tutorial-cnn model's"):
         client_app.app(Message(content=other, dst_node_id=7, message_type="train"), context)
     assert not cache_dir.exists()  # refused before the node's data was decoded and cached

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from fedcifar_app import federation as launcher
-from fedcifar_app import warm_clientapp
-from fedcifar_app.local_simulation import descendants
+from fedcifar_app.ops import federation as launcher
+from fedcifar_app.ops import warm_clientapp
+from fedcifar_app.ops.local_simulation import descendants
 from fedcifar_app.results import load_results
 from fedcifar_app.strategies import CHECKPOINT_FILE, load_checkpoint
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedcifar_app.federation import free_port
-from fedcifar_app.local_simulation import (PORT_BASE, PORT_PAIRS, flwr_home,
+from fedcifar_app.ops.federation import free_port
+from fedcifar_app.ops.local_simulation import (PORT_BASE, PORT_PAIRS, flwr_home,
                                            installs_dependencies, listener_on, local_ports,
                                            managed_superlink_pids, stop_process_tree)
 from tests.conftest import run
@@ -24,7 +24,7 @@ from tests.conftest import run
 # Minutes, not seconds (SuperLinks started and stopped): `pytest -m "not slow"` skips it.
 pytestmark = pytest.mark.slow
 
-SETUP = [sys.executable, "-m", "fedcifar_app.local_simulation", "--num-supernodes", "2"]
+SETUP = [sys.executable, "-m", "fedcifar_app.ops.local_simulation", "--num-supernodes", "2"]
 
 
 def test_a_superlink_that_installs_dependencies_is_replaced(flower_env: dict[str, str]) -> None:
@@ -35,7 +35,7 @@ def test_a_superlink_that_installs_dependencies_is_replaced(flower_env: dict[str
     (installing,) = managed_superlink_pids(flower_env)
     assert installs_dependencies(installing)
 
-    done = run([sys.executable, "-m", "fedcifar_app.local_simulation", "--num-supernodes", "3"],
+    done = run([sys.executable, "-m", "fedcifar_app.ops.local_simulation", "--num-supernodes", "3"],
                flower_env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"Stopping the local SuperLink (PID {installing})" in done.stdout
@@ -44,7 +44,7 @@ def test_a_superlink_that_installs_dependencies_is_replaced(flower_env: dict[str
 
 
 def test_gpus_per_client_is_stored_or_refused_without_a_gpu(flower_env: dict[str, str]) -> None:
-    command = [sys.executable, "-m", "fedcifar_app.local_simulation", "--num-supernodes", "4",
+    command = [sys.executable, "-m", "fedcifar_app.ops.local_simulation", "--num-supernodes", "4",
                "--gpus-per-client", "0.25"]
     done = run(command, flower_env)
     if torch.cuda.device_count() == 0:

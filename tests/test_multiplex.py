@@ -15,13 +15,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
-from fedcifar_app import client_app, task
-from fedcifar_app.client_app import NodeConfigError
+from fedcifar_app import client_app, node, task
+from fedcifar_app.config import NodeConfigError
 from fedcifar_app.config import RunConfig
 from fedcifar_app.results import RunRecorder, load_results
-from fedcifar_app.strategies import build_strategy, strategy_grid
-from fedcifar_app.strategies.multiplex import assign
-from fedcifar_app.virtual_clients import VIRTUAL_CLIENTS, ClientMean, clip_update, non_finite
+from fedcifar_app.extensions import build_strategy, training_grid
+from fedcifar_app.extensions.multiplex.clients import VIRTUAL_CLIENTS, ClientMean
+from fedcifar_app.extensions.multiplex.server import assign
+from fedcifar_app.node import clip_update, non_finite
 
 CLIENTS = 6
 
@@ -77,7 +78,7 @@ def run_rounds(tmp_path: Path, tiny_dataset: Path, nodes: int, rounds: int = 3,
                   **overrides}
     grid = InProcessGrid(nodes, run_config, failing)
     config, recorder, strategy = start_in_process(tmp_path, run_config, grid)
-    result = strategy.start(grid=strategy_grid(config, grid, strategy),
+    result = strategy.start(grid=training_grid(config, grid, strategy),
                             initial_arrays=ArrayRecord(task.Net().state_dict()),
                             num_rounds=rounds, timeout=60)
     recorder.finish(None)
@@ -147,21 +148,21 @@ def test_robust_aggregators_get_every_update_and_agree_with_per_node_mode(
 def test_a_failing_client_costs_only_itself_and_a_failing_node_its_clients(
         tmp_path: Path, tiny_dataset: Path, server_task_identity: None,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    real_training = client_app._local_training
+    real_training = node.local_training
 
-    def training(net, data, config, msg, node, scaffold=None):  # noqa: ANN001, ANN202
-        if node == 2:
+    def training(net, data, config, msg, client_id, drift_correction=None):  # noqa: ANN001, ANN202
+        if client_id == 2:
             raise RuntimeError("client 2 broke")
-        return real_training(net, data, config, msg, node, scaffold)
+        return real_training(net, data, config, msg, client_id, drift_correction)
 
-    monkeypatch.setattr(client_app, "_local_training", training)
+    monkeypatch.setattr(node, "local_training", training)
     _, results = run_rounds(tmp_path / "one-client", tiny_dataset, 2, rounds=1,
                             **{"virtual-clients": CLIENTS, "fraction-train": 1.0})
     (first,) = round_entries(results)
     assert first["train_replies"] == CLIENTS - 1
     assert first["train_failures"] == 1
     assert 2 not in first["train_nodes"]
-    monkeypatch.setattr(client_app, "_local_training", real_training)
+    monkeypatch.setattr(node, "local_training", real_training)
     # Node 100 serves clients 0-2 (equal contiguous shares); it fails as a whole.
     _, results = run_rounds(tmp_path / "one-node", tiny_dataset, 2, rounds=1,
                             failing=(100,), **{"virtual-clients": CLIENTS,
@@ -183,7 +184,7 @@ def one_round(tmp_path: Path, tiny_dataset: Path, nodes: int,
                                                   run_config=config.to_dict()))
     grid = InProcessGrid(nodes, run_config)
     strategy.meet_nodes(grid)
-    strategy.start(grid=strategy_grid(config, grid, strategy),
+    strategy.start(grid=training_grid(config, grid, strategy),
                    initial_arrays=ArrayRecord(task.Net().state_dict()), num_rounds=1)
     return grid
 

@@ -1,4 +1,4 @@
-"""A multi-host federation on one machine (fedcifar_app/netns.py): the README's by-hand
+"""A multi-host federation on one machine (fedcifar_app/ops/netns.py): the README's by-hand
 commands in network namespaces, with a slow uplink, a lossy link, a link cut while
 its node trains and a node SIGKILLed mid-round. Needs root and `ip netns`; skipped,
 saying why, where that is not permitted."""
@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from fedcifar_app import netns
-from fedcifar_app.federation import split_node_data
-from fedcifar_app.local_simulation import stop_process_tree
+from fedcifar_app.ops import netns
+from fedcifar_app.ops.federation import split_node_data
+from fedcifar_app.ops.local_simulation import stop_process_tree
 from fedcifar_app.results import load_results
 
 # Minutes, not seconds (network namespaces and a deployment): `pytest -m "not slow"` skips it.
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-# The README's example values for what fedcifar_app/netns.py fills in.
+# The README's example values for what fedcifar_app/ops/netns.py fills in.
 README_EXAMPLE = {"key": "node-a", "data": "/data/cifar10-site-a", "ca": "/path/to/ca.crt"}
 
 

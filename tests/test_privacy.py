@@ -15,10 +15,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from fedcifar_app import server_app
 from fedcifar_app.config import ConfigError, RunConfig
-from fedcifar_app.strategies import phase_retries
-from fedcifar_app.strategies.privacy import (AdaptiveClipping, PrivacyBudgetSpent, PrivacyLedger,
-                                             poisson_cohort)
-from fedcifar_app.strategies.safeguards import RunFailedError, load_checkpoint
+from fedcifar_app.extensions import phase_retries
+from fedcifar_app.extensions.privacy.server import (AdaptiveClipping, DifferentialPrivacy,
+                                                    PrivacyBudgetSpent, PrivacyLedger,
+                                                    poisson_cohort)
+from fedcifar_app.strategies import RunFailedError, load_checkpoint
 from tests.test_multiplex import run_rounds
 from tests.test_recovery import FakeGrid as PushPullGrid
 from tests.test_recovery import recovering
@@ -306,6 +307,11 @@ def test_adaptive_clipping_splits_the_noise_without_spending_more() -> None:
         assert update_z ** -2 + (2 * count_stddev) ** -2 == pytest.approx(z ** -2)
 
 
+def dp_of(strategy):  # noqa: ANN001, ANN201
+    """The DP hook of a safeguarded strategy."""
+    return strategy.hook(DifferentialPrivacy)
+
+
 def test_an_adaptive_round_moves_the_norm_by_the_unclipped_fraction(tmp_path: Path) -> None:
     """No noise: 3 of 10 updates are longer than C = 0.5 and clipped, 7 are not; the
     next round's C is 0.5 exp(-0.2 (0.7 - 0.5)), which the next instructions carry,
@@ -323,15 +329,15 @@ def test_an_adaptive_round_moves_the_norm_by_the_unclipped_fraction(tmp_path: Pa
     moved = 0.5 * math.exp(-0.2 * (0.7 - 0.5))
     assert (entry["train_clipped"], entry["dp_clipping_norm"]) == (3, 0.5)
     assert entry["dp_unclipped_fraction"] == pytest.approx(0.7)
-    assert strategy.dp_clipping_norm == pytest.approx(moved)
+    assert dp_of(strategy).clipping_norm == pytest.approx(moved)
     second = strategy.configure_train(2, GLOBAL, ConfigRecord(), grid)
-    assert {m.content["config"]["dp-clipping-norm"] for m in second} == {strategy.dp_clipping_norm}
+    assert {m.content["config"]["dp-clipping-norm"] for m in second} == {dp_of(strategy).clipping_norm}
     checkpoint = load_checkpoint(str(strategy.checkpoint_path))
-    assert checkpoint.dp_clipping_norm == pytest.approx(moved)
+    assert checkpoint.extension_state["dp_clipping_norm"] == pytest.approx(moved)
     resumed, _ = make_strategy(tmp_path / "resumed", **{
         "dp": "server", "dp-clipping-norm": 0.5, "dp-clipping": "adaptive"})
     resumed.resume_from(checkpoint)
-    assert resumed.dp_clipping_norm == pytest.approx(moved)
+    assert dp_of(resumed).clipping_norm == pytest.approx(moved)
 
 
 def test_client_side_adaptive_clipping_counts_what_the_clients_report(tmp_path: Path) -> None:
@@ -390,10 +396,10 @@ def test_a_matching_resume_continues_the_ledger(tmp_path: Path) -> None:
     assert recorder.entries[0]["round"] == 3
     assert recorder.entries[0]["dp_epsilon"] == pytest.approx(
         independent_epsilon("pld", 1.0, 1.2, 3, 1e-3), rel=1e-9)
-    ledger = load_checkpoint(str(tmp_path / "second" / "run")).privacy_ledger
+    ledger = load_checkpoint(str(tmp_path / "second" / "run")).extension_state["privacy_ledger"]
     assert list(ledger["epsilon_by_round"]) == [1, 2, 3]
     assert [ledger["epsilon_by_round"][r] for r in (1, 2)] == \
-        [first.ledger.epsilon_by_round[r] for r in (1, 2)]
+        [dp_of(first).ledger.epsilon_by_round[r] for r in (1, 2)]
 
 
 @pytest.mark.parametrize("first_settings, change, named", [

@@ -1,5 +1,5 @@
 """Simulation across machines: README's Ray cluster recipe, with the head and the
-worker in network namespaces of their own (fedcifar_app/ray_cluster.py). Needs root
+worker in network namespaces of their own (fedcifar_app/ops/ray_cluster.py). Needs root
 and `ip netns`; skipped, saying why, where that is not permitted."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fedcifar_app import netns, ray_cluster
-from fedcifar_app.local_simulation import managed_superlink_pids
+from fedcifar_app.ops import netns, ray_cluster
+from fedcifar_app.ops.local_simulation import managed_superlink_pids
 from fedcifar_app.results import load_results
 
 # Minutes, not seconds (a Ray cluster): `pytest -m "not slow"` skips it.

@@ -1,4 +1,4 @@
-"""A failed run says why in one line, and `python -m fedcifar_app.runs` gives its outcome
+"""A failed run says why in one line, and `python -m fedcifar_app.ops.runs` gives its outcome
 as an exit status (flwr run . --stream exits 0 either way)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tests.conftest import run
 # Minutes, not seconds (whole flwr run . simulations): `pytest -m "not slow"` skips it.
 pytestmark = pytest.mark.slow
 
-RUNS = [sys.executable, "-m", "fedcifar_app.runs"]
+RUNS = [sys.executable, "-m", "fedcifar_app.ops.runs"]
 
 
 def error_lines(output: str) -> list[str]:

@@ -20,9 +20,9 @@ from flwr.common.constant import ErrorCode
 from fedcifar_app import task
 from fedcifar_app.config import ConfigError, RunConfig
 from fedcifar_app.results import load_results
-from fedcifar_app.secure_updates import LEGACY_FIT_PARAMETERS, masked_update
-from fedcifar_app.strategies.safeguards import RunFailedError
-from fedcifar_app.strategies.secure import run_secure_aggregation
+from fedcifar_app.extensions.secagg.server import run_secure_aggregation
+from fedcifar_app.extensions.secagg.updates import LEGACY_FIT_PARAMETERS, masked_update
+from fedcifar_app.strategies import RunFailedError
 from tests.test_multiplex import InProcessGrid, round_entries, start_in_process
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")

@@ -168,7 +168,7 @@ def test_a_private_run_reports_epsilon_and_stops_at_its_budget(
     run and record their epsilon, round 3 does not; the run ends completed, with its
     final model (round 2's) written. Adaptive clipping (whose noised count is part of
     each round's mechanism) moves the clipping norm between the rounds."""
-    from fedcifar_app.strategies.privacy import PrivacyLedger
+    from fedcifar_app.extensions.privacy.server import PrivacyLedger
 
     probe = PrivacyLedger(noise_multiplier=1.0, sampling_rate=0.67, delta=1e-3)
     cap = (probe.epsilon(2) + probe.epsilon(3)) / 2

@@ -13,8 +13,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from fedcifar_app import task
 from fedcifar_app.config import RunConfig
 from fedcifar_app.results import RunRecorder
-from fedcifar_app.strategies import RunFailedError, build_strategy, load_checkpoint
-from fedcifar_app.strategies.safeguards import update_problem
+from fedcifar_app.extensions import build_strategy
+from fedcifar_app.strategies import RunFailedError, load_checkpoint
+from fedcifar_app.strategies.replies import update_problem
 
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")

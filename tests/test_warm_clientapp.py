@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fedcifar_app import warm_clientapp
-from fedcifar_app.local_simulation import descendants, stop_process_tree
+from fedcifar_app.ops import warm_clientapp
+from fedcifar_app.ops.local_simulation import descendants, stop_process_tree
 
 
 def start_server(socket_path: Path, log: Path) -> subprocess.Popen:

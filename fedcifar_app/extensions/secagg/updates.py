@@ -1,6 +1,6 @@
 """Secure aggregation's messages: what a node masks, and the checks it makes first.
 
-(Pure NumPy; the server side is ``strategies/secure.py``.) With
+(Pure NumPy; the node side is ``node.py``, the server side ``server.py``.) With
 ``secure-aggregation``, training rounds run Flower's SecAgg+ protocol, which masks
 each node's reply so that the server can only recover the weighted sum over the
 nodes that finished the round. What a node puts into that sum is its *update*

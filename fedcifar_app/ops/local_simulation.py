@@ -1,6 +1,6 @@
 """Prepare this machine's managed local SuperLink for fedcifar simulations.
 
-    python -m fedcifar_app.local_simulation [--num-supernodes 10] [--cpus-per-client 1]
+    python -m fedcifar_app.ops.local_simulation [--num-supernodes 10] [--cpus-per-client 1]
                                             [--gpus-per-client 0.25]
 
 ``flwr run .`` submits to a local SuperLink that flwr starts on first use and
@@ -45,13 +45,14 @@ from pathlib import Path
 
 import tomli_w
 
+from fedcifar_app import compat
 from fedcifar_app.results import atomic_write
 
-DISABLE_INSTALL_ENV = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
+DISABLE_INSTALL_ENV = compat.DISABLE_INSTALL_ENV
 DISABLE_INSTALL_FLAG = "--disable-runtime-dependency-installation"
 # The variables flwr reads for its managed SuperLink's ports.
-HTTP_PORT_ENV = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
-CONTROL_PORT_ENV = "FLWR_LOCAL_CONTROL_API_PORT"
+HTTP_PORT_ENV = compat.LOCAL_HTTP_PORT_ENV
+CONTROL_PORT_ENV = compat.LOCAL_CONTROL_PORT_ENV
 # Derived ports lie below Linux's ephemeral range (32768-60999), where outgoing
 # connections would otherwise take them at random.
 PORT_BASE, PORT_PAIRS = 21000, 5000
@@ -250,7 +251,7 @@ def stop_installing_superlinks(environ: Mapping[str, str] = os.environ) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedcifar_app.local_simulation",
+    parser = argparse.ArgumentParser(prog="python -m fedcifar_app.ops.local_simulation",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-supernodes", type=int, default=10,
                         help="Virtual SuperNodes in the simulation (default 10).")

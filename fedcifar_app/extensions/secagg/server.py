@@ -14,7 +14,7 @@ code as without secure aggregation:
   bridge keeps the global model with its names);
 * ``aggregate_fit``: SecAgg+ gives every result the same parameters, the weighted
   mean of the updates of the nodes that finished (nodes mask updates, not weights:
-  see ``fedcifar_app/secure_updates.py``). The strategy receives, per finished
+  see ``updates.py``). The strategy receives, per finished
   node, a reply holding global model + that mean and the node's own metrics (which
   travel unmasked), and an error reply per node that dropped out. Its weighted
   average of equal models is that model: FedAvg and FedProx release the secure
@@ -38,12 +38,12 @@ from flwr.common.constant import ErrorCode
 from flwr.server import ClientManager, LegacyContext, ServerConfig
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp import Grid
 
+from fedcifar_app import compat
 from fedcifar_app.config import RunConfig
-from fedcifar_app.secure_updates import CLIPPING_RANGE, max_weight
-from fedcifar_app.strategies.safeguards import RunFailedError, SafeguardsMixin
+from fedcifar_app.extensions.secagg.updates import CLIPPING_RANGE, max_weight
+from fedcifar_app.strategies.safeguards import RunFailedError, Safeguarded
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -51,7 +51,7 @@ EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 class SecureAggregationBridge(LegacyStrategy):
     """The legacy strategy SecAgg+'s workflow drives, over the run's strategy."""
 
-    def __init__(self, strategy: SafeguardsMixin, grid: Grid, initial_arrays: ArrayRecord,
+    def __init__(self, strategy: Safeguarded, grid: Grid, initial_arrays: ArrayRecord,
                  evaluate_fn: EvaluateFn) -> None:
         self.strategy = strategy
         self.grid = grid
@@ -67,8 +67,8 @@ class SecureAggregationBridge(LegacyStrategy):
                       client_manager: ClientManager) -> list:
         instructions = list(self.strategy.configure_train(
             server_round, self.global_arrays, ConfigRecord(), self.grid))
-        if not instructions and self.strategy.ledger is not None:
-            # An empty Poisson cohort: DP still releases (noise only); nothing to sum.
+        if not instructions and self.strategy.releases_empty_rounds:
+            # E.g. an empty Poisson cohort: DP still releases (noise only); nothing to sum.
             self._aggregated(server_round, self.strategy.aggregate_train(server_round, []))
         return self._legacy(instructions, FitIns, parameters, client_manager)
 
@@ -137,7 +137,7 @@ def _count_or_fraction(value: float) -> int | float:
 
 
 def run_secure_aggregation(grid: Grid, context: Context, config: RunConfig,
-                           strategy: SafeguardsMixin, initial_arrays: ArrayRecord,
+                           strategy: Safeguarded, initial_arrays: ArrayRecord,
                            evaluate_fn: EvaluateFn, num_rounds: int) -> ArrayRecord:
     """Run ``num_rounds`` rounds whose training goes through SecAgg+; return the final
     global model."""
@@ -149,8 +149,7 @@ def run_secure_aggregation(grid: Grid, context: Context, config: RunConfig,
         clipping_range=CLIPPING_RANGE, timeout=config.round_timeout)
 
     def fit_round(grid: Grid, legacy_context: LegacyContext) -> None:
-        server_round = int(legacy_context.state.config_records[MAIN_CONFIGS_RECORD][
-            Key.CURRENT_ROUND])
+        server_round = compat.legacy_current_round(legacy_context)
         secagg(grid, legacy_context)
         if bridge.aggregated_round != server_round:
             raise RunFailedError(

@@ -1,7 +1,7 @@
 """A run's outcome as an exit status, for scripts, CI and the benchmarks.
 
-    python -m fedcifar_app.runs start [SUPERLINK] [FLWR RUN OPTIONS...]  # flwr run ., wait
-    python -m fedcifar_app.runs wait RUN_ID [SUPERLINK] [--quiet]  # stream its log, outcome
+    python -m fedcifar_app.ops.runs start [SUPERLINK] [FLWR RUN OPTIONS...]  # flwr run ., wait
+    python -m fedcifar_app.ops.runs wait RUN_ID [SUPERLINK] [--quiet]  # stream its log, outcome
 
 ``flwr run . --stream`` exits 0 whether the run completed or failed (flwr 1.42). These
 stream the run's log as ``--stream`` does, then print one line with the outcome and
@@ -75,7 +75,7 @@ def start(flwr_run_arguments: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedcifar_app.runs",
+    parser = argparse.ArgumentParser(prog="python -m fedcifar_app.ops.runs",
                                      description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("start", add_help=False,

@@ -10,7 +10,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedcifar_app.strategies.multiplex import served
+from fedcifar_app.extensions.scaffold.node import CONTROL_DELTA, SERVER_CONTROL
+from fedcifar_app.strategies.replies import served
 
 
 class Scaffold(FedAvg):
@@ -26,7 +27,8 @@ class Scaffold(FedAvg):
     in the checkpoint: a resumed run starts it at zero, like the clients' node state.
     """
 
-    reply_records = ("arrays", "control-delta")
+    reply_records = ("arrays", CONTROL_DELTA)
+    keeps_client_state = True  # on the nodes: a client goes to the same node each time
     server_control: dict[str, np.ndarray] | None = None
     nodes_connected: int = 0
 
@@ -37,7 +39,7 @@ class Scaffold(FedAvg):
             self.server_control = {k: np.zeros_like(v.numpy()) for k, v in arrays.items()}
         control = ArrayRecord({k: Array(v) for k, v in self.server_control.items()})
         for message in messages:
-            message.content["server-control"] = control
+            message.content[SERVER_CONTROL] = control
         self.nodes_connected = len(list(grid.get_node_ids()))
         return messages
 
@@ -46,10 +48,10 @@ class Scaffold(FedAvg):
         deltas, clients = [], []
         for reply in replies:
             if not reply.has_error():
-                deltas.append(reply.content["control-delta"])
+                deltas.append(reply.content[CONTROL_DELTA])
                 clients.append(len(served(reply)))
                 # FedAvg aggregates every ArrayRecord of a reply into the model.
-                del reply.content["control-delta"]
+                del reply.content[CONTROL_DELTA]
         arrays, metrics = super().aggregate_train(server_round, replies)
         if deltas and self.server_control is not None:
             trained = sum(clients)

@@ -1,7 +1,7 @@
 """A real Flower deployment on this machine: one SuperLink, N SuperNodes, loopback.
 
-    python -m fedcifar_app.federation up --nodes 3 [--tls] [--auth] [--data DIR]
-    python -m fedcifar_app.federation down
+    python -m fedcifar_app.ops.federation up --nodes 3 [--tls] [--auth] [--data DIR]
+    python -m fedcifar_app.ops.federation down
     flwr run . local-deployment --stream
 
 ``up`` starts ``flower-superlink`` and ``flower-supernode`` processes on free
@@ -9,7 +9,7 @@ loopback ports, writes the ``[superlink.<name>]`` connection into the Flower
 configuration file ($FLWR_HOME/config.toml) and records every PID in the
 federation's state folder; ``down`` stops exactly those processes. ``--tls``
 makes a CA and a server certificate for localhost/127.0.0.1 and serves TLS with
-them, and puts the Fleet-only proxy (``fedcifar_app.fleet_proxy``, nginx) in front
+them, and puts the Fleet-only proxy (``fedcifar_app.ops.fleet_proxy``, nginx) in front
 of the SuperLink as a deployment should: SuperNodes connect through it, ``flwr``
 to the SuperLink's own port; ``--auth`` makes one key pair per SuperNode, enables SuperNode
 authentication and registers the public keys. With ``--data DIR`` each node gets
@@ -17,8 +17,8 @@ its own data folder (a split of DIR/train.parquet, as real sites hold their own
 data) passed as ``--node-config "data-path='...'"``; without it, nodes get
 ``partition-id``/``num-partitions`` of the run's ``dataset``. Unless
 ``--cold-clientapps``, the SuperNodes fork their ClientApps from one warm server
-(``fedcifar_app.warm_clientapp``), and unless ``--stock-supernodes`` the SuperNodes
-are Flower's with its pauses between pulls cut to 0.25 s (``fedcifar_app.fast_supernode``).
+(``fedcifar_app.ops.warm_clientapp``), and unless ``--stock-supernodes`` the SuperNodes
+are Flower's with its pauses between pulls cut to 0.25 s (``fedcifar_app.ops.fast_supernode``).
 ``restart_superlink`` and ``restart_supernode``
 stop a process (as a crash would, or gracefully) and start it with the same command.
 """
@@ -42,8 +42,9 @@ from pathlib import Path
 
 import tomli_w
 
-from fedcifar_app import fast_supernode, fleet_proxy, warm_clientapp
-from fedcifar_app.local_simulation import (flwr_home, is_alive, set_connection,
+from fedcifar_app import compat
+from fedcifar_app.ops import fast_supernode, fleet_proxy, warm_clientapp
+from fedcifar_app.ops.local_simulation import (flwr_home, is_alive, set_connection,
                                            stop_process_tree)
 from fedcifar_app.results import atomic_write
 
@@ -55,9 +56,9 @@ STARTUP_TIMEOUT = 30.0
 # A message's objects (one per array) travel two requests at a time by default; 16 at
 # a time move a model in one round trip (each request is TLS and, with SuperNode
 # authentication, signed).
-FAST_ROUNDS_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25",
-                   "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "16",
-                   "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "16"}
+FAST_ROUNDS_ENV = {compat.SUPEREXEC_POLL_INTERVAL_ENV: "0.25",
+                   compat.MAX_CONCURRENT_PULLS_ENV: "16",
+                   compat.MAX_CONCURRENT_PUSHES_ENV: "16"}
 FAST_SUPERNODE = fast_supernode.__name__
 # Flower reports usage events to its servers unless told not to; a launcher's
 # processes do not phone home.
@@ -91,12 +92,12 @@ class Federation:
     node_data: list[str] = field(default_factory=list)
     tls: bool = False
     auth: bool = False
-    # One warm flwr-clientapp server (fedcifar_app.warm_clientapp) for all SuperNodes.
+    # One warm flwr-clientapp server (fedcifar_app.ops.warm_clientapp) for all SuperNodes.
     warm_clientapps: bool = True
     warm_server_pid: int = 0
-    # flower-supernode with its 3 s pause after an empty pull cut (fedcifar_app.fast_supernode).
+    # flower-supernode with its 3 s pause after an empty pull cut (fedcifar_app.ops.fast_supernode).
     fast_supernodes: bool = True
-    # With TLS: nginx forwarding the Fleet API alone (fedcifar_app.fleet_proxy).
+    # With TLS: nginx forwarding the Fleet API alone (fedcifar_app.ops.fleet_proxy).
     fleet_port: int = 0
     proxy_pid: int = 0
 
@@ -289,7 +290,7 @@ def up(nodes: int, name: str = DEFAULT_NAME, tls: bool = False, auth: bool = Fal
         fleet_proxy.check_available()
     if (directory / STATE_FILE).exists():
         raise RuntimeError(f"federation '{name}' is already up ({directory}); "
-                           f"stop it with: python -m fedcifar_app.federation down --name {name}")
+                           f"stop it with: python -m fedcifar_app.ops.federation down --name {name}")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     directory.chmod(0o700)  # keys, logs and the node data: its owner's alone
     federation = Federation(name=name, directory=str(directory), superlink_port=free_port(),
@@ -445,7 +446,7 @@ def _is_ours(pid: int) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedcifar_app.federation",
+    parser = argparse.ArgumentParser(prog="python -m fedcifar_app.ops.federation",
                                      description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("up", help="start a SuperLink and SuperNodes")
@@ -461,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "does, instead of forking it from a warm server")
     start.add_argument("--stock-supernodes", action="store_true",
                        help="run flower-supernode as it is, with its 3 s pause after an "
-                       "empty pull, instead of fedcifar_app.fast_supernode")
+                       "empty pull, instead of fedcifar_app.ops.fast_supernode")
     stop = commands.add_parser("down", help="stop what `up` started")
     for sub in (start, stop):
         sub.add_argument("--name", default=DEFAULT_NAME,
@@ -490,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{', '.join(map(str, federation.supernode_pids))}).\n"
           f"State and logs: {federation.directory}\n"
           f"Run:  flwr run . {args.name} --stream\n"
-          f"Stop: python -m fedcifar_app.federation down --name {args.name}")
+          f"Stop: python -m fedcifar_app.ops.federation down --name {args.name}")
     return 0
 
 

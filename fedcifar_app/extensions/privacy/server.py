@@ -51,11 +51,23 @@ import functools
 import logging
 import math
 import os
+from logging import INFO
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
-from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.common import log
+from flwr.serverapp.strategy import Strategy
+
+from fedcifar_app import compat
+from fedcifar_app.config import RunConfig
+from fedcifar_app.extensions.privacy.node import DP_CLIPPED
+from fedcifar_app.results import RunRecorder
+from fedcifar_app.strategies.checkpoint import Checkpoint
+from fedcifar_app.strategies.replies import (bound_update_norms, clipped_on_nodes, is_node_mean,
+                                             served, update_norm)
+from fedcifar_app.strategies.safeguards import RunEndsEarly, RunFailedError, ServerHook
+from fedcifar_app.strategies.sampling import NodeList
 
 ACCOUNTING = {  # by dp-accountant (config.DP_ACCOUNTANTS)
     "pld": "PLD (dp-accounting's privacy loss distribution, pessimistic estimate), user "
@@ -65,7 +77,7 @@ ACCOUNTING = {  # by dp-accountant (config.DP_ACCOUNTANTS)
            "Poisson-sampled Gaussian mechanism per round"}
 
 
-class PrivacyBudgetSpent(RuntimeError):
+class PrivacyBudgetSpent(RunEndsEarly):
     """The next round would spend more than dp-max-epsilon; the run ends before it."""
 
 
@@ -202,8 +214,8 @@ class AdaptiveClipping:
         the count's sensitivity is 1/2 (bits centred on 0), so the two Gaussian
         mechanisms together are one of multiplier z when z^-2 = z_update^-2 +
         (2 * count_std)^-2. ValueError if the count noise leaves no room for z."""
-        return compute_adaptive_noise_params(noise_multiplier, expected_clients,
-                                             self.count_stddev or None)
+        return compat.compute_adaptive_noise_params(noise_multiplier, expected_clients,
+                                                    self.count_stddev or None)
 
     def next_norm(self, norm: float, unclipped: int, clients: int, expected_clients: float,
                   count_stddev: float) -> tuple[float, float]:
@@ -212,3 +224,130 @@ class AdaptiveClipping:
         noised = float(private_generator().normal(unclipped - clients / 2, count_stddev))
         fraction = noised / expected_clients + 0.5
         return norm * math.exp(-self.learning_rate * (fraction - self.target_quantile)), fraction
+
+
+class DifferentialPrivacy(ServerHook):
+    """DP-FedAvg in the safeguarded strategy: the Poisson cohort, the clipping (or, with
+    dp='client', the check that clients clipped), the noised release and its
+    accounting, and the ledger and clipping norm in the checkpoint."""
+
+    releases_empty_rounds = True  # an empty cohort still releases (noise only)
+
+    def __init__(self, config: RunConfig, recorder: RunRecorder) -> None:
+        self.ledger = PrivacyLedger(config.dp_noise_multiplier, config.fraction_train,
+                                    config.dp_delta, config.dp_max_epsilon,
+                                    config.dp_accountant)
+        self.clipping_norm = config.dp_clipping_norm  # this round's C (adaptive moves it)
+        self.clips_on_server = config.dp == "server"  # dp='client': the server checks C
+        self.adaptive_clipping = None if config.dp_clipping != "adaptive" else AdaptiveClipping(
+            config.dp_target_quantile, config.dp_clip_learning_rate,
+            config.dp_clipped_count_stddev)
+        self.recorder = recorder
+        self._expected_cohort = 0.0
+        self._update_noise_multiplier = 0.0
+        self._count_stddev = 0.0
+        self._clipped = 0
+        recorder.extra["privacy"] = {
+            "accountant": config.dp_accountant,
+            "accounting": ACCOUNTING[config.dp_accountant], "clipping": config.dp,
+            "noise_multiplier": config.dp_noise_multiplier,
+            "clipping_norm": config.dp_clipping_norm,
+            "sampling_rate": config.fraction_train, "delta": config.dp_delta,
+            "max_epsilon": config.dp_max_epsilon, "adaptive_clipping": None if
+            self.adaptive_clipping is None else {
+                "target_quantile": config.dp_target_quantile,
+                "learning_rate": config.dp_clip_learning_rate,
+                "clipped_count_stddev": config.dp_clipped_count_stddev or "cohort / 20"}}
+
+    def configure_train(self, strategy: Strategy, run_round: int, arrays: ArrayRecord,
+                        config: ConfigRecord, nodes: NodeList) -> list[Message]:
+        """Stop before a round past the budget; sample a Poisson cohort and hand
+        Flower's configure_train exactly those nodes."""
+        ledger = self.ledger
+        population = len(nodes.node_ids)
+        if ledger.delta >= 1 / population:
+            raise RunFailedError(
+                f"'dp-delta' {ledger.delta:g} is not below 1 / {population} clients: such "
+                "a delta allows releasing a client's data outright; lower dp-delta")
+        ledger.check_next(run_round)
+        self._expected_cohort = ledger.sampling_rate * population
+        self._update_noise_multiplier = ledger.noise_multiplier
+        if self.adaptive_clipping is not None:
+            try:
+                self._count_stddev, self._update_noise_multiplier = \
+                    self.adaptive_clipping.noise(ledger.noise_multiplier, self._expected_cohort)
+            except ValueError as err:
+                raise RunFailedError(
+                    f"adaptive clipping: 'dp-noise-multiplier' {ledger.noise_multiplier:g} "
+                    f"needs 'dp-clipped-count-stddev' above {ledger.noise_multiplier / 2:g} "
+                    f"(with {self._expected_cohort:g} clients expected per round): {err}"
+                ) from err
+        config["dp-clipping-norm"] = self.clipping_norm  # what clients clip to
+        cohort = poisson_cohort(nodes.node_ids, ledger.sampling_rate)
+        if not cohort:  # the round still releases (noise only)
+            return []
+        # Flower samples int(n * fraction-train) of the nodes it is given once
+        # min-available-nodes of them are there: here, all of the cohort at once.
+        saved = strategy.fraction_train, strategy.min_available_nodes
+        strategy.fraction_train, strategy.min_available_nodes = 1.0, 1
+        try:
+            return list(strategy.configure_train(run_round, arrays, config, NodeList(cohort)))
+        finally:
+            strategy.fraction_train, strategy.min_available_nodes = saved
+
+    def reply_problem(self, reply: Message, global_arrays: ArrayRecord) -> str | None:
+        """With dp='client': why an update is longer than the clipping norm, or None."""
+        if self.clips_on_server or is_node_mean(reply):
+            return None
+        norm = update_norm(reply.content["arrays"], global_arrays)
+        if norm <= self.clipping_norm * (1 + 1e-5):
+            return None
+        return (f"update norm {norm:.4g} exceeds this round's clipping norm "
+                f"{self.clipping_norm:.4g} (dp='client': clients clip)")
+
+    def clip(self, run_round: int, usable: list[Message], global_arrays: ArrayRecord) -> int:
+        """Clip on the server (dp='server') or count what clients clipped; multiplexed
+        nodes clip each client's update before averaging them."""
+        single = [r for r in usable if not is_node_mean(r)]
+        clipped = clipped_on_nodes(usable)
+        if self.clips_on_server:
+            clipped += bound_update_norms(single, global_arrays, self.clipping_norm)
+        else:  # dp='client': each client says whether it clipped
+            clipped += sum(int(r.content["metrics"].get(DP_CLIPPED, 0)) for r in single)
+        self._clipped = clipped
+        return clipped
+
+    def release(self, run_round: int, global_arrays: ArrayRecord,
+                aggregate: ArrayRecord | None, usable: list[Message]) -> ArrayRecord:
+        """DP-FedAvg's release: the clipped updates' sum over the expected cohort, plus
+        noise; with adaptive clipping, the next round's norm from the noised count of
+        unclipped updates. The round's epsilon goes to the log and results.json."""
+        clients = sum(len(served(r)) for r in usable) if aggregate is not None else 0
+        unclipped = clients - self._clipped if aggregate is not None else 0
+        ledger = self.ledger
+        norm = self.clipping_norm
+        noise_std = compat.compute_stdv(self._update_noise_multiplier, norm,
+                                        self._expected_cohort)
+        arrays = noised_update(global_arrays, aggregate, clients, self._expected_cohort,
+                               noise_std)
+        epsilon = ledger.spend(run_round)
+        log(INFO, "Round %d: privacy spent so far epsilon=%.4f at delta=%g (%d clients, "
+            "clipping norm %.4g, noise std %.3g)", run_round, epsilon, ledger.delta,
+            clients, norm, noise_std)
+        self.recorder.record(run_round, save=False, dp_epsilon=epsilon,
+                             dp_delta=ledger.delta, dp_clients=clients,
+                             dp_clipping_norm=norm, dp_noise_std=noise_std)
+        if self.adaptive_clipping is not None:
+            self.clipping_norm, fraction = self.adaptive_clipping.next_norm(
+                norm, unclipped, clients, self._expected_cohort, self._count_stddev)
+            self.recorder.record(run_round, save=False, dp_unclipped_fraction=fraction)
+        return arrays
+
+    def checkpoint_state(self) -> dict:
+        """The spending so far and the next round's clipping norm."""
+        return {"privacy_ledger": self.ledger.state(), "dp_clipping_norm": self.clipping_norm}
+
+    def resume(self, checkpoint: Checkpoint) -> None:
+        # resume_problems found the same mechanism
+        self.ledger.continue_from(checkpoint.extension_state["privacy_ledger"])
+        self.clipping_norm = checkpoint.extension_state["dp_clipping_norm"]

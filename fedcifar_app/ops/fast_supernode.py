@@ -7,9 +7,9 @@ instruction up to 3 s after the ServerApp sent it (1.5 s on average; almost 3 s 
 the node that trained the round before, which pulled right after its reply, found
 nothing yet and went to sleep), and its reply leaves up to 0.5 s after it is ready.
 And when it pulls a message whose arrays are still on their way, it waits 1 s (then
-2, 4, ...) before it asks again (see ``fedcifar_app.flower_waits``).
+2, 4, ...) before it asks again (see ``fedcifar_app.compat``).
 
-    python -m fedcifar_app.fast_supernode [flower-supernode arguments]
+    python -m fedcifar_app.ops.fast_supernode [flower-supernode arguments]
 
 runs Flower's own ``flower-supernode`` entry point with those pauses cut to at most
 $FEDCIFAR_SUPERNODE_PAUSE seconds (default 0.25) and the pull backoff shortened:
@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 import sys
 
-from fedcifar_app.flower_waits import cap_supernode_pauses, shorten_object_pull_backoff
+from fedcifar_app.compat import (cap_supernode_pauses, flower_supernode_main,
+                                 shorten_object_pull_backoff)
 
 PAUSE_ENV = "FEDCIFAR_SUPERNODE_PAUSE"
 DEFAULT_PAUSE = 0.25
@@ -45,10 +46,8 @@ def pause_from_env() -> float:
 def main() -> None:
     cap_supernode_pauses(pause_from_env())
     shorten_object_pull_backoff()
-    from flwr.supernode.cli import flower_supernode
-
     sys.argv[0] = "flower-supernode"
-    flower_supernode()
+    flower_supernode_main()
 
 
 if __name__ == "__main__":

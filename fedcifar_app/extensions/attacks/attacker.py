@@ -1,5 +1,5 @@
 """Simulated attackers, for measuring defences. Honest code never imports this module:
-the ClientApp loads it only when a run or a node is configured to attack.
+the extension loads it only when a run or a node is configured to attack.
 
 Which nodes attack: in simulation, ``malicious-fraction`` of the partitions, drawn
 from the seed (``malicious_partitions``); on a deployed SuperNode, the node config
@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fedcifar_app import task
 from fedcifar_app.config import ATTACKS, RunConfig
+from fedcifar_app.node import ClientRound, TrainingHook, local_training, node_data, round_seed
 from fedcifar_app.task import NUM_CLASSES, ImageTensors
 
 # On a deployed node, "a little is enough" estimates honest statistics from this many
@@ -126,3 +128,51 @@ def little_is_enough(global_state: StateDict, honest: list[StateDict], z: float)
         updates = torch.stack([state[name] - global_state[name] for state in honest])
         result[name] = global_state[name] + updates.mean(0) - z * updates.std(0)
     return result
+
+
+class AttackHook(TrainingHook):
+    """A malicious client's round: label flipping before training; after it, the
+    weights it sends instead of what it trained."""
+
+    def __init__(self, attack: NodeAttack) -> None:
+        self.attack = attack
+        self.received: StateDict = {}
+
+    def before_training(self, client: ClientRound) -> None:
+        self.received = task.cpu_state_dict(client.net)
+        if self.attack.poisons_data:
+            client.train_data = flip_labels(client.train_data)
+
+    def after_training(self, client: ClientRound) -> None:
+        if self.attack.poisons_data:
+            return
+        net = client.net
+        if self.attack.kind == "little-is-enough":
+            honest = []
+            for colluder_id, data in _colluder_data(self.attack, client):
+                colluder = task.build_model(client.config.model).to(
+                    next(net.parameters()).device)
+                colluder.load_state_dict(self.received)
+                local_training(colluder, data, client.config, client.instruction, colluder_id)
+                honest.append(task.cpu_state_dict(colluder))
+            sent = little_is_enough(self.received, honest, self.attack.z)
+        else:
+            seed = round_seed(client.config, client.server_round, client.client_id)
+            sent = poisoned(self.attack, self.received, task.cpu_state_dict(net),
+                            torch.Generator().manual_seed(seed))
+        net.load_state_dict(sent)
+
+
+def _colluder_data(attack: NodeAttack, client: ClientRound) -> list[tuple[int, ImageTensors]]:
+    """Training data the colluding attackers pool: each attacking partition's in
+    simulation, shards of this node's own data on a deployed node."""
+    own = client.train_data
+    if attack.colluders:
+        node_config = dict(client.node_config)
+        pooled = []
+        for partition in attack.colluders:
+            node_config["partition-id"] = partition
+            pooled.append((partition, node_data(client.config, node_config)[0].to(own.device)))
+        return pooled
+    shards = torch.arange(len(own), device=own.device).chunk(LIE_SHARDS)
+    return [(index, own.subset(shard)) for index, shard in enumerate(shards)]

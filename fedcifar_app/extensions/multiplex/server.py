@@ -32,9 +32,9 @@ from flwr.common import log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from fedcifar_app.extensions.multiplex.clients import EACH, MEAN, SEPARATOR, VIRTUAL_CLIENTS
 from fedcifar_app.strategies.recovery import WrappedGrid
 from fedcifar_app.strategies.sampling import PartitionDirectory
-from fedcifar_app.virtual_clients import EACH, MEAN, SEPARATOR, VIRTUAL_CLIENTS
 
 
 def assign(clients: list[int], nodes: list[int], sticky: bool) -> dict[int, list[int]]:
@@ -55,47 +55,14 @@ def assign(clients: list[int], nodes: list[int], sticky: bool) -> dict[int, list
     return {node: share for node, share in shares.items() if share}
 
 
-def served(reply: Message) -> list[int]:
-    """The clients whose results a (non-error) reply holds: its VIRTUAL_CLIENTS
-    record's, or the sending node for a per-node reply."""
-    record = reply.content.config_records.get(VIRTUAL_CLIENTS)
-    return [reply.metadata.src_node_id] if record is None else list(record["served"])
-
-
-def rejected_on_nodes(replies: Iterable[Message]) -> int:
-    """Clients whose update or evaluation their node's filter dropped (MEAN replies)."""
-    return sum(len(_record(r)["rejected"]) for r in replies if _record(r) is not None)
-
-
-def is_node_mean(reply: Message) -> bool:
-    """Whether ``reply`` is a multiplexed node's mean of its clients' results."""
-    return _record(reply) is not None
-
-
-def clipped_on_nodes(replies: Iterable[Message]) -> int:
-    """Client updates their node clipped to update-norm-bound (MEAN replies)."""
-    return sum(int(_record(r)["clipped"]) for r in replies if _record(r) is not None)
-
-
-def train_seconds(reply: Message) -> float:
-    """Seconds the reply's clients trained, summed (a MEAN reply's metric is their
-    weighted mean, as Flower averages metrics)."""
-    record = _record(reply)
-    if record is None:
-        return float(reply.content["metrics"].get("train-seconds", 0.0))
-    return float(record["train-seconds"])
-
-
-def _record(reply: Message) -> ConfigRecord | None:
-    return None if reply.has_error() else reply.content.config_records.get(VIRTUAL_CLIENTS)
-
-
 class MultiplexingGrid(WrappedGrid):
     """The Grid a strategy sees in multiplexed mode; see the module docstring.
 
     ``grid`` is the Grid of the real SuperNodes (a RecoveringGrid, which resends a
     failed node's bundle to a node that has none); ``directory`` orders them, and the
     first ``serving`` of them get the clients (the others stand by for replacements)."""
+
+    virtual = True  # its node IDs are clients, already in partition order
 
     def __init__(self, grid: Grid, num_clients: int, directory: PartitionDirectory,
                  serving: int, sticky: bool = False, each: bool = False) -> None:

@@ -1,6 +1,6 @@
 """Simulation across machines: a Ray cluster runs the ClientApps, on one machine.
 
-    sudo python -m fedcifar_app.ray_cluster --data /abs/path/to/cifar10 [--rounds 2]
+    sudo python -m fedcifar_app.ops.ray_cluster --data /abs/path/to/cifar10 [--rounds 2]
 
 Flower's simulation calls ``ray.init()``, which attaches to a Ray cluster that
 ``ray start`` started on the same machine. README.md's "Simulation across
@@ -23,19 +23,19 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedcifar_app.netns import Network, can_run_here, demo_parser
+from fedcifar_app.ops.netns import Network, can_run_here, demo_parser
 
 HEAD_ADDRESS = "10.0.0.5"
 WORKER_ADDRESS = "10.0.0.6"
 SIMULATED_NODES = 4
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # README.md's recipe, as this module runs it (tests/test_ray_cluster.py checks that
 # README.md holds each line verbatim).
 README_COMMANDS = {
     "head": [
         "ray start --head --node-ip-address 10.0.0.5 --port 6379 --disable-usage-stats",
-        "python -m fedcifar_app.local_simulation --num-supernodes 4 --cpus-per-client 1",
+        "python -m fedcifar_app.ops.local_simulation --num-supernodes 4 --cpus-per-client 1",
     ],
     "worker": [
         "ray start --address 10.0.0.5:6379 --node-ip-address 10.0.0.6 --disable-usage-stats",
@@ -55,7 +55,7 @@ class RayCluster:
         self.directory = directory
         ray_dir = directory / "ray"  # short: Ray's socket paths must fit in 107 bytes
         ray_dir.mkdir(parents=True, exist_ok=True)
-        from fedcifar_app.federation import free_port
+        from fedcifar_app.ops.federation import free_port
 
         self.env = {"RAY_TMPDIR": str(ray_dir), "FLWR_HOME": str(directory / "flwr-home"),
                     "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
@@ -81,7 +81,7 @@ def topology() -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = demo_parser("python -m fedcifar_app.ray_cluster", __doc__.split("\n\n")[0],
+    args = demo_parser("python -m fedcifar_app.ops.ray_cluster", __doc__.split("\n\n")[0],
                        rounds=2).parse_args(argv)
     if not can_run_here():
         return 1

@@ -1,6 +1,6 @@
 """A multi-host federation on one machine: one network namespace per host.
 
-    sudo python -m fedcifar_app.netns --data /abs/path/to/cifar10 [--rounds 3]
+    sudo python -m fedcifar_app.ops.netns --data /abs/path/to/cifar10 [--rounds 3]
 
 Builds a small network of Linux network namespaces: a switch (a bridge in a
 namespace of its own), the SuperLink at 10.0.0.5 (so the README's certificate
@@ -36,8 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedcifar_app.fleet_proxy import NGINX_CONFIG, START_COMMAND
-from fedcifar_app.local_simulation import is_alive, stop_process_tree
+from fedcifar_app.ops.fleet_proxy import NGINX_CONFIG, START_COMMAND
+from fedcifar_app.ops.local_simulation import is_alive, stop_process_tree
 
 SUBNET_BITS = 24
 SUPERLINK_ADDRESS = "10.0.0.5"
@@ -47,7 +47,7 @@ SUPERLINK_LOOPBACK = "127.0.0.1:9091"
 WORKSTATION_ADDRESS = "10.0.0.2"
 CONNECTION = "remote-federation"
 # flwr run . and flwr supernode register run from the project folder.
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # README.md's by-hand commands, as this module runs them (tests/test_netns.py checks
 # that README.md holds each line verbatim). {key}, {node} and {data} are filled in.
@@ -360,14 +360,14 @@ def wait_for(condition, timeout: float, what: str) -> None:  # noqa: ANN001
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = demo_parser("python -m fedcifar_app.netns", __doc__.split("\n\n")[0], rounds=3)
+    parser = demo_parser("python -m fedcifar_app.ops.netns", __doc__.split("\n\n")[0], rounds=3)
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--no-impair", action="store_true",
                         help="no slow uplink on node 0, no packet loss on node 1")
     args = parser.parse_args(argv)
     if not can_run_here():
         return 1
-    from fedcifar_app.federation import split_node_data
+    from fedcifar_app.ops.federation import split_node_data
 
     data = args.data.resolve()
     with tempfile.TemporaryDirectory(prefix="fedcifar-netns-") as tmp, \

@@ -5,8 +5,8 @@ which spends seconds importing Flower and torch before the ClientApp starts, in
 every round. This module keeps one process per SuperNode that has imported them
 once, and forks a ready child for each message instead:
 
-    python -m fedcifar_app.warm_clientapp serve --socket /run/fedcifar/node-a.sock &
-    python -m fedcifar_app.warm_clientapp shim /opt/fedcifar-shim
+    python -m fedcifar_app.ops.warm_clientapp serve --socket /run/fedcifar/node-a.sock &
+    python -m fedcifar_app.ops.warm_clientapp shim /opt/fedcifar-shim
     FEDCIFAR_WARM_CLIENTAPP=/run/fedcifar/node-a.sock PATH=/opt/fedcifar-shim:$PATH \\
         flower-supernode ...
 
@@ -58,7 +58,7 @@ PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "flwr.clientapp", "flwr.app", "t
 # A SuperNode runs a few ClientApps at once; more concurrent messages than this wait.
 MAX_HANDLERS = 32
 # Not __name__: the shim runs this file as __main__.
-MODULE = "fedcifar_app.warm_clientapp"
+MODULE = "fedcifar_app.ops.warm_clientapp"
 APP_PACKAGE = MODULE.split(".")[0]
 
 
@@ -110,7 +110,7 @@ def serve(socket_path: Path) -> None:
     import httpx
 
     httpx.Client().close()
-    from fedcifar_app.flower_waits import shorten_object_pull_backoff
+    from fedcifar_app.compat import shorten_object_pull_backoff
 
     # The forked ClientApps start fast, often before their SuperNode holds the
     # message's arrays: they should not then wait Flower's 1 s before asking again.
@@ -202,9 +202,9 @@ def _run_clientapp(request: dict, fds: list[int]) -> None:
         # Flower must load the app from the FAB, not from what this process imported.
         for name in [n for n in sys.modules if n.split(".")[0] == APP_PACKAGE]:
             del sys.modules[name]
-        from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+        from fedcifar_app.compat import flwr_clientapp_main
 
-        flwr_clientapp()
+        flwr_clientapp_main()
         code = 0
     except SystemExit as exit_request:
         code = exit_request.code if isinstance(exit_request.code, int) else (
