@@ -193,7 +193,7 @@ class RunConfig:
         "norm before aggregating, with any strategy; no noise (0: off).", _at_least(0))
     dp: str = _setting(
         "none", "User-level differential privacy (DP-FedAvg with Poisson sampling, see "
-        "README): 'server' clips each update on the server, 'client' on the client; none: "
+        "docs/privacy.md): 'server' clips each update on the server, 'client' on the client; none: "
         "off. Rounds with DP replace no failed node (round-retries is not used).",
         _one_of(DP_MODES))
     dp_noise_multiplier: float = _setting(
@@ -227,7 +227,7 @@ class RunConfig:
         "(0: no cap).", _at_least(0))
     secure_aggregation: bool = _setting(
         False, "Run training rounds through Flower's SecAgg+: the server learns only the sum "
-        "of the updates of the nodes that finish a round (see README).")
+        "of the updates of the nodes that finish a round (see docs/secure-aggregation.md).")
     secagg_num_shares: float = _setting(
         3.0, "SecAgg+: nodes each node shares its secret with, itself included (a count "
         ">= 3), or a fraction (<= 1) of the round's nodes.", _positive)
@@ -401,7 +401,7 @@ class RunConfig:
 
     @staticmethod
     def docs() -> dict[str, tuple[Any, str]]:
-        """Key -> (default, description), for the README table and the CLI help."""
+        """Key -> (default, description), for the configuration table (docs/configuration.md) and the CLI help."""
         return {f.name.replace("_", "-"): (f.default, f.metadata["doc"])
                 for f in dataclasses.fields(RunConfig)}
 

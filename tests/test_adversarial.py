@@ -21,7 +21,7 @@ from fedcifar_app.strategies import RunFailedError
 from fedcifar_app.strategies.replies import update_problem
 from fedcifar_app.node import MalformedInstruction
 from tests.test_client_app import SIMULATED, make_context
-from tests.test_strategy import GLOBAL, make_strategy, state_dict
+from tests.strategies.test_strategy import GLOBAL, make_strategy, state_dict
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 

@@ -22,9 +22,9 @@ def test_pyproject_holds_every_key_with_the_config_defaults() -> None:
     assert RunConfig.from_mapping(pyproject_run_config()) == RunConfig()
 
 
-def test_readme_documents_every_key() -> None:
-    readme = (ROOT / "README.md").read_text()
-    missing = [key for key in RunConfig().to_dict() if f"`{key}`" not in readme]
+def test_the_docs_document_every_key() -> None:
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [key for key in RunConfig().to_dict() if f"`{key}`" not in reference]
     assert missing == []
 
 

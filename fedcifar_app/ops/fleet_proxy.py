@@ -10,10 +10,10 @@ forwards ``/v1/fleet/`` (and ``/health``) to it over TLS, answering everything e
 403. The Control API is reached on the SuperLink's host (or through an SSH tunnel to
 it), the Runtime API only there.
 
-``NGINX_CONFIG`` is the whole configuration, as README.md shows it; ``{listen}`` is
+``NGINX_CONFIG`` is the whole configuration, as docs/deployment.md shows it; ``{listen}`` is
 what nginx listens on (``8000``, or ``127.0.0.1:PORT``) and ``{superlink}`` the
 SuperLink's loopback address. nginx checks the SuperLink's certificate for the name
-``localhost``, which the README's and the launcher's certificates carry.
+``localhost``, which the documented and the launcher's certificates carry.
 """
 
 from __future__ import annotations

@@ -3,13 +3,13 @@
     sudo python -m fedcifar_app.ops.netns --data /abs/path/to/cifar10 [--rounds 3]
 
 Builds a small network of Linux network namespaces: a switch (a bridge in a
-namespace of its own), the SuperLink at 10.0.0.5 (so the README's certificate
+namespace of its own), the SuperLink at 10.0.0.5 (so the documented certificate
 recipe, for ``superlink.example.org`` and ``10.0.0.5``, runs unchanged), a
 workstation that runs ``flwr``, and N SuperNodes, each on a veth link to the
 switch; ``superlink.example.org`` resolves to 10.0.0.5 inside the namespaces
 (``/etc/netns/<ns>/hosts``; the machine's own /etc/hosts is not touched). Then
-it follows README.md's "Across machines, by hand" commands (``README_COMMANDS``;
-the tests check that README.md holds each one verbatim): certificates, the
+it follows docs/deployment.md's "Across machines, by hand" commands (``DOCUMENTED_COMMANDS``;
+the tests check that the page holds each one verbatim): certificates, the
 SuperLink on the host's loopback, the Fleet-only proxy (nginx) on port 8000, the
 connection entry and a registered key per SuperNode on the SuperLink's host, the
 SuperNodes with their own data folders, and ``flwr run`` on the SuperLink's host;
@@ -49,9 +49,9 @@ CONNECTION = "remote-federation"
 # flwr run . and flwr supernode register run from the project folder.
 ROOT = Path(__file__).resolve().parents[2]
 
-# README.md's by-hand commands, as this module runs them (tests/test_netns.py checks
-# that README.md holds each line verbatim). {key}, {node} and {data} are filled in.
-README_COMMANDS = {
+# docs/deployment.md's by-hand commands, as this module runs them (tests/ops/test_netns.py
+# checks that the page holds each line verbatim). {key}, {node} and {data} are filled in.
+DOCUMENTED_COMMANDS = {
     "certificates": [
         "openssl ecparam -genkey -name secp384r1 -out ca.key",
         'openssl req -x509 -new -key ca.key -subj "/CN=fedcifar CA" -days 365 -out ca.crt',
@@ -246,12 +246,12 @@ class Network:
 
 
 def script(step: str, **values: str) -> str:
-    return "\n".join(README_COMMANDS[step]).format(**values)
+    return "\n".join(DOCUMENTED_COMMANDS[step]).format(**values)
 
 
 @dataclass
 class Federation:
-    """The README's deployment inside a Network: SuperLink, workstation, SuperNodes."""
+    """The documented deployment inside a Network: SuperLink, workstation, SuperNodes."""
 
     network: Network
     directory: Path

@@ -3,8 +3,8 @@
     sudo python -m fedcifar_app.ops.ray_cluster --data /abs/path/to/cifar10 [--rounds 2]
 
 Flower's simulation calls ``ray.init()``, which attaches to a Ray cluster that
-``ray start`` started on the same machine. README.md's "Simulation across
-machines" recipe (``README_COMMANDS``; the tests check that README.md holds each
+``ray start`` started on the same machine. docs/simulation.md's "Simulation across
+machines" recipe (``DOCUMENTED_COMMANDS``; the tests check that the page holds each
 line verbatim) starts a Ray head where the SuperLink runs and a Ray worker on a
 second machine; this builds the two machines as network namespaces on a bridge
 (10.0.0.5 and 10.0.0.6, see ``netns.Network``), follows the recipe, runs a
@@ -30,9 +30,9 @@ WORKER_ADDRESS = "10.0.0.6"
 SIMULATED_NODES = 4
 ROOT = Path(__file__).resolve().parents[2]
 
-# README.md's recipe, as this module runs it (tests/test_ray_cluster.py checks that
-# README.md holds each line verbatim).
-README_COMMANDS = {
+# docs/simulation.md's recipe, as this module runs it (tests/ops/test_ray_cluster.py
+# checks that the page holds each line verbatim).
+DOCUMENTED_COMMANDS = {
     "head": [
         "ray start --head --node-ip-address 10.0.0.5 --port 6379 --disable-usage-stats",
         "python -m fedcifar_app.ops.local_simulation --num-supernodes 4 --cpus-per-client 1",
@@ -44,7 +44,7 @@ README_COMMANDS = {
 
 
 def script(step: str) -> str:
-    return "\n".join(README_COMMANDS[step])
+    return "\n".join(DOCUMENTED_COMMANDS[step])
 
 
 class RayCluster:
@@ -63,7 +63,7 @@ class RayCluster:
 
     def start(self) -> None:
         """Ray head (and the managed SuperLink) on 'head', then the Ray worker."""
-        head_ray, head_superlink = README_COMMANDS["head"]
+        head_ray, head_superlink = DOCUMENTED_COMMANDS["head"]
         self.network.run("head", head_ray, ROOT, env=self.env, timeout=180)
         self.network.run("worker", script("worker"), ROOT, env=self.env, timeout=180)
         self.network.run("head", head_superlink, ROOT, env=self.env, timeout=180)

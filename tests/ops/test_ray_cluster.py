@@ -1,4 +1,4 @@
-"""Simulation across machines: README's Ray cluster recipe, with the head and the
+"""Simulation across machines: docs/simulation.md's Ray cluster recipe, with the head and the
 worker in network namespaces of their own (fedcifar_app/ops/ray_cluster.py). Needs root
 and `ip netns`; skipped, saying why, where that is not permitted."""
 
@@ -17,14 +17,14 @@ from fedcifar_app.results import load_results
 # Minutes, not seconds (a Ray cluster): `pytest -m "not slow"` skips it.
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_readme_holds_the_ray_cluster_recipe() -> None:
-    readme = (ROOT / "README.md").read_text()
-    for step, lines in ray_cluster.README_COMMANDS.items():
+    readme = (ROOT / "docs" / "simulation.md").read_text()
+    for step, lines in ray_cluster.DOCUMENTED_COMMANDS.items():
         for line in lines:
-            assert line in readme, f"README.md lacks the {step} line: {line}"
+            assert line in readme, f"docs/simulation.md lacks the {step} line: {line}"
 
 
 def test_a_simulation_runs_its_clientapps_on_both_ray_nodes(tiny_dataset: Path) -> None:

@@ -1,4 +1,4 @@
-"""A multi-host federation on one machine (fedcifar_app/ops/netns.py): the README's by-hand
+"""A multi-host federation on one machine (fedcifar_app/ops/netns.py): docs/deployment.md's by-hand
 commands in network namespaces, with a slow uplink, a lossy link, a link cut while
 its node trains and a node SIGKILLed mid-round. Needs root and `ip netns`; skipped,
 saying why, where that is not permitted."""
@@ -21,16 +21,16 @@ from fedcifar_app.results import load_results
 # Minutes, not seconds (network namespaces and a deployment): `pytest -m "not slow"` skips it.
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-# The README's example values for what fedcifar_app/ops/netns.py fills in.
-README_EXAMPLE = {"key": "node-a", "data": "/data/cifar10-site-a", "ca": "/path/to/ca.crt"}
+ROOT = Path(__file__).resolve().parents[2]
+# The documented example values for what fedcifar_app/ops/netns.py fills in.
+DOCUMENTED_EXAMPLE = {"key": "node-a", "data": "/data/cifar10-site-a", "ca": "/path/to/ca.crt"}
 
 
 def test_the_readme_holds_every_by_hand_command_the_namespace_setup_runs() -> None:
-    readme = (ROOT / "README.md").read_text()
-    for step in netns.README_COMMANDS:
-        for line in netns.script(step, **README_EXAMPLE).splitlines():
-            assert line in readme, f"README.md lacks the {step} line: {line}"
+    readme = (ROOT / "docs" / "deployment.md").read_text()
+    for step in netns.DOCUMENTED_COMMANDS:
+        for line in netns.script(step, **DOCUMENTED_EXAMPLE).splitlines():
+            assert line in readme, f"docs/deployment.md lacks the {step} line: {line}"
 
 
 @pytest.fixture
@@ -113,7 +113,7 @@ def test_a_cut_link_and_a_sigkill_mid_round_do_not_stop_the_run(
 
 def test_only_supernodes_get_in_through_the_readmes_proxy(
         network: netns.Network, tiny_dataset: Path, tmp_path: Path) -> None:
-    """The README's deployment, literally: from a SuperNode's namespace and from the
+    """The documented deployment, literally: from a SuperNode's namespace and from the
     workstation, registering a key, listing runs, starting a run and calling the Runtime
     API are refused at the proxy (403), and the SuperLink's own port cannot be reached; the SuperNodes train
     through the proxy and the run, started on the SuperLink's host, completes."""

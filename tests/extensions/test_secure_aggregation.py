@@ -23,7 +23,7 @@ from fedcifar_app.results import load_results
 from fedcifar_app.extensions.secagg.server import run_secure_aggregation
 from fedcifar_app.extensions.secagg.updates import LEGACY_FIT_PARAMETERS, masked_update
 from fedcifar_app.strategies import RunFailedError
-from tests.test_multiplex import InProcessGrid, round_entries, start_in_process
+from tests.extensions.test_multiplex import InProcessGrid, round_entries, start_in_process
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 

@@ -10,7 +10,7 @@ import torch
 from flwr.app import ConfigRecord
 
 from fedcifar_app.strategies import RunFailedError
-from tests.test_strategy import GLOBAL, FakeGrid, make_strategy, reply, state_dict
+from tests.strategies.test_strategy import GLOBAL, FakeGrid, make_strategy, reply, state_dict
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 

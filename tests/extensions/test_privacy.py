@@ -20,10 +20,10 @@ from fedcifar_app.extensions.privacy.server import (AdaptiveClipping, Differenti
                                                     PrivacyBudgetSpent, PrivacyLedger,
                                                     poisson_cohort)
 from fedcifar_app.strategies import RunFailedError, load_checkpoint
-from tests.test_multiplex import run_rounds
-from tests.test_recovery import FakeGrid as PushPullGrid
-from tests.test_recovery import recovering
-from tests.test_strategy import GLOBAL, FakeGrid, make_strategy, state_dict
+from tests.extensions.test_multiplex import run_rounds
+from tests.strategies.test_recovery import FakeGrid as PushPullGrid
+from tests.strategies.test_recovery import recovering
+from tests.strategies.test_strategy import GLOBAL, FakeGrid, make_strategy, state_dict
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 

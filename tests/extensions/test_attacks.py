@@ -144,5 +144,5 @@ assert not reply.has_error()
 print("attacks loaded:", "fedcifar_app.extensions.attacks.attacker" in sys.modules)
 """
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+                          timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert "attacks loaded: False" in done.stdout, done.stderr

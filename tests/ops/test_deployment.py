@@ -30,7 +30,7 @@ from fedcifar_app.strategies import CHECKPOINT_FILE, load_checkpoint
 # Minutes, not seconds (real SuperLinks and SuperNodes): `pytest -m "not slow"` skips it.
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 300
 
 
@@ -246,7 +246,7 @@ def test_a_restarted_node_is_sampled_again(deploy, tiny_dataset: Path,
                                            tmp_path: Path) -> None:
     """With SuperNode auth a node keeps its identity (its key) across a restart. The
     restart is graceful: after a crash, flwr 1.42 refuses the same key until the
-    SuperLink has marked the old session offline (README, "When nodes fail")."""
+    SuperLink has marked the old session offline (docs/failures.md, "When nodes fail")."""
     federation = deploy(2, tls=True, auth=True)
     wait_for(lambda: online_nodes(federation.name) == 2, 30, "2 SuperNodes online")
     config = run_config(tiny_dataset, tmp_path, **{
