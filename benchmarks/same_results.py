@@ -6,7 +6,8 @@ with another checkout's.
 
 ``run`` writes DIR/<name>/results.json for the default run and one run each with a
 robust aggregator, an attack, SCAFFOLD and multiplexed clients (short: 3 rounds, one
-local epoch, 10 simulated SuperNodes), plus a DP run whose noise must differ and whose epsilon history must not.
+local epoch, 10 simulated SuperNodes), plus a DP run whose noise must differ and whose
+epsilon history must not.
 ``compare`` prints, per configuration, whether the per-round entries are identical once
 what measures time or names a host is left out, and the first difference otherwise.
 """
@@ -94,8 +95,11 @@ def compare(before: Path, after: Path) -> int:
             continue
         differing += 1
         first = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), None)
-        print(f"{name}: DIFFERENT at entry {first}:\n  before {old[first] if first is not None else len(old)}"
-              f"\n  after  {new[first] if first is not None else len(new)}")
+        if first is None:
+            print(f"{name}: DIFFERENT: {len(old)} entries before, {len(new)} after")
+        else:
+            print(f"{name}: DIFFERENT at entry {first}:\n  before {old[first]}\n  after  "
+                  f"{new[first]}")
     return differing
 
 

@@ -193,8 +193,8 @@ class RunConfig:
         "norm before aggregating, with any strategy; no noise (0: off).", _at_least(0))
     dp: str = _setting(
         "none", "User-level differential privacy (DP-FedAvg with Poisson sampling, see "
-        "docs/privacy.md): 'server' clips each update on the server, 'client' on the client; none: "
-        "off. Rounds with DP replace no failed node (round-retries is not used).",
+        "docs/privacy.md): 'server' clips each update on the server, 'client' on the "
+        "client; none: off. Rounds with DP replace no failed node (round-retries is not used).",
         _one_of(DP_MODES))
     dp_noise_multiplier: float = _setting(
         1.0, "DP: Gaussian noise standard deviation over the clipping norm (z).",
@@ -401,7 +401,8 @@ class RunConfig:
 
     @staticmethod
     def docs() -> dict[str, tuple[Any, str]]:
-        """Key -> (default, description), for the configuration table (docs/configuration.md) and the CLI help."""
+        """Key -> (default, description), for the configuration table
+        (docs/configuration.md) and the CLI help."""
         return {f.name.replace("_", "-"): (f.default, f.metadata["doc"])
                 for f in dataclasses.fields(RunConfig)}
 

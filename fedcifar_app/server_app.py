@@ -20,12 +20,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcifar_app import extensions, task
 from fedcifar_app.compat import reported_in_one_line, shorten_object_pull_backoff
-from fedcifar_app.config import ConfigError, RunConfig
+from fedcifar_app.config import RunConfig
 from fedcifar_app.data import load_split
-from fedcifar_app.results import RunRecorder, load_results
-from fedcifar_app.strategies import (Checkpoint, RecoveringGrid, RunEndsEarly, load_checkpoint,
-                                     resume_problems)
-from fedcifar_app.strategies.checkpoint import resume_settings
+from fedcifar_app.results import RunRecorder
+from fedcifar_app.strategies import RecoveringGrid, RunEndsEarly
+from fedcifar_app.strategies.checkpoint import checkpoint_to_resume, earlier_entries
 from fedcifar_app.task import BatchLoader
 
 app = ServerApp()
@@ -40,7 +39,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def run(grid: Grid, context: Context) -> None:
     config = RunConfig.from_mapping(context.run_config)
-    checkpoint = _checkpoint_to_resume(config)
+    checkpoint = checkpoint_to_resume(config, extensions.resume_keys(config))
     run_dir = config.output_root / f"flwr-run-{context.run_id}"
     log(INFO, "[fedcifar] outputs of this run: %s", run_dir)
     seed_everything(config.seed)
@@ -60,7 +59,7 @@ def run(grid: Grid, context: Context) -> None:
         strategy.resume_from(checkpoint)
         recorder.extra["resumed_from"] = {"checkpoint": str(checkpoint.path),
                                           "round": checkpoint.round}
-        recorder.restore(_earlier_entries(checkpoint))
+        recorder.restore(earlier_entries(checkpoint))
 
     def evaluate_global_model(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         run_round = server_round + strategy.round_offset
@@ -108,32 +107,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)  # Flower samples nodes with the random module.
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _checkpoint_to_resume(config: RunConfig) -> Checkpoint | None:
-    if not config.resume_from:
-        return None
-    checkpoint = load_checkpoint(config.resume_from)
-    if checkpoint.round >= config.num_server_rounds:
-        raise ConfigError(f"'resume-from' {checkpoint.path} is at round {checkpoint.round}, "
-                          f"num-server-rounds is {config.num_server_rounds}: nothing to do")
-    if checkpoint.model_name != config.model:
-        raise ConfigError(f"'resume-from' {checkpoint.path} holds a {checkpoint.model_name} "
-                          f"model, 'model' is {config.model}: set model='"
-                          f"{checkpoint.model_name}' to resume it")
-    problems = resume_problems(checkpoint, resume_settings(config,
-                                                           extensions.resume_keys(config)))
-    if problems:
-        raise ConfigError(f"'resume-from' {checkpoint.path} cannot be continued by this "
-                          "run: " + "; ".join(problems) + " (resume with the settings it "
-                          "was written with, or start afresh)")
-    return checkpoint
-
-
-def _earlier_entries(checkpoint: Checkpoint) -> list[dict]:
-    """The resumed run's results up to its checkpoint, so one history covers both."""
-    try:
-        entries = load_results(checkpoint.path.parent)["entries"]
-    except (OSError, ValueError, KeyError):
-        return []
-    return [entry for entry in entries if entry["round"] <= checkpoint.round]

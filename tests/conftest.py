@@ -75,6 +75,14 @@ def write_dataset(directory: Path, num_train: int = 400, num_test: int = 100,
     return directory
 
 
+def resumable_checkpoint(config):  # noqa: ANN001, ANN201 - RunConfig -> Checkpoint | None
+    """What the ServerApp resumes from with ``config`` (refusals raise)."""
+    from fedcifar_app.extensions import resume_keys
+    from fedcifar_app.strategies.checkpoint import checkpoint_to_resume
+
+    return checkpoint_to_resume(config, resume_keys(config))
+
+
 @pytest.fixture
 def server_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """Flower's runtime sets who is running (here: the ServerApp) before a Message is built."""

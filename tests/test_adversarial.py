@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedcifar_app import client_app, data, server_app
+from fedcifar_app import client_app, data
 from fedcifar_app.config import (NODE_KEYS, ConfigError, NodeConfigError, RunConfig,
                                  node_config_problems)
 from fedcifar_app.strategies import RunFailedError
@@ -22,6 +22,7 @@ from fedcifar_app.strategies.replies import update_problem
 from fedcifar_app.node import MalformedInstruction
 from tests.test_client_app import SIMULATED, make_context
 from tests.strategies.test_strategy import GLOBAL, make_strategy, state_dict
+from tests.conftest import resumable_checkpoint
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
@@ -179,7 +180,7 @@ def test_a_foreign_or_cut_checkpoint_is_refused_for_resume_and_left_alone(
     path.write_bytes(FOREIGN_FILES[kind](path.read_bytes()))
     before = path.read_bytes()
     with pytest.raises(ConfigError, match="is not a readable fedcifar checkpoint"):
-        server_app._checkpoint_to_resume(RunConfig.from_mapping({
+        resumable_checkpoint(RunConfig.from_mapping({
             "output-dir": str(tmp_path), "resume-from": str(path)}))
     assert path.read_bytes() == before
 

@@ -83,7 +83,8 @@ def build_strategy(config: RunConfig, recorder: RunRecorder) -> Safeguarded:
         node_wait_timeout=config.node_wait_timeout,
         min_available_nodes=config.min_available_nodes, local_epochs=config.local_epochs,
         evaluate_in_train=config.evaluate_in_train, seed=config.seed,
-        model_name=config.model, strategy_name=config.strategy, resume_settings=resume_settings(config, resume_keys(config)))
+        model_name=config.model, strategy_name=config.strategy,
+        resume_settings=resume_settings(config, resume_keys(config)))
     hooks = [hook for server_hooks in _parts("server_hooks")
              for hook in server_hooks(config, recorder)]
     return Safeguarded(classes[config.strategy](**options), settings, recorder,

@@ -15,7 +15,7 @@ import torch
 
 from fedcifar_app.config import ConfigError, RunConfig
 from fedcifar_app.errors import AnticipatedError, one_line
-from fedcifar_app.results import atomic_write
+from fedcifar_app.results import atomic_write, load_results
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # What every resumed run must share with the run it continues (run-config keys);
@@ -88,3 +88,33 @@ def resume_problems(checkpoint: Checkpoint, wanted: dict[str, Any]) -> list[str]
     return [f"'{key}' was {checkpoint.settings.get(key, '(not set)')!r}, is "
             f"{wanted.get(key, '(not set)')!r}" for key in keys
             if checkpoint.settings.get(key) != wanted.get(key)]
+
+
+def checkpoint_to_resume(config: RunConfig, keys: tuple[str, ...]) -> Checkpoint | None:
+    """The checkpoint ``resume-from`` names, once it is checked to be one this run can
+    continue (its round, its model, and its settings of ``keys``); None without one."""
+    if not config.resume_from:
+        return None
+    checkpoint = load_checkpoint(config.resume_from)
+    if checkpoint.round >= config.num_server_rounds:
+        raise ConfigError(f"'resume-from' {checkpoint.path} is at round {checkpoint.round}, "
+                          f"num-server-rounds is {config.num_server_rounds}: nothing to do")
+    if checkpoint.model_name != config.model:
+        raise ConfigError(f"'resume-from' {checkpoint.path} holds a {checkpoint.model_name} "
+                          f"model, 'model' is {config.model}: set model='"
+                          f"{checkpoint.model_name}' to resume it")
+    problems = resume_problems(checkpoint, resume_settings(config, keys))
+    if problems:
+        raise ConfigError(f"'resume-from' {checkpoint.path} cannot be continued by this "
+                          "run: " + "; ".join(problems) + " (resume with the settings it "
+                          "was written with, or start afresh)")
+    return checkpoint
+
+
+def earlier_entries(checkpoint: Checkpoint) -> list[dict]:
+    """The resumed run's results up to its checkpoint, so one history covers both."""
+    try:
+        entries = load_results(checkpoint.path.parent)["entries"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [entry for entry in entries if entry["round"] <= checkpoint.round]

@@ -24,6 +24,7 @@ from tests.extensions.test_multiplex import run_rounds
 from tests.strategies.test_recovery import FakeGrid as PushPullGrid
 from tests.strategies.test_recovery import recovering
 from tests.strategies.test_strategy import GLOBAL, FakeGrid, make_strategy, state_dict
+from tests.conftest import resumable_checkpoint
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
@@ -331,7 +332,8 @@ def test_an_adaptive_round_moves_the_norm_by_the_unclipped_fraction(tmp_path: Pa
     assert entry["dp_unclipped_fraction"] == pytest.approx(0.7)
     assert dp_of(strategy).clipping_norm == pytest.approx(moved)
     second = strategy.configure_train(2, GLOBAL, ConfigRecord(), grid)
-    assert {m.content["config"]["dp-clipping-norm"] for m in second} == {dp_of(strategy).clipping_norm}
+    assert {m.content["config"]["dp-clipping-norm"] for m in second} == {
+        dp_of(strategy).clipping_norm}
     checkpoint = load_checkpoint(str(strategy.checkpoint_path))
     assert checkpoint.extension_state["dp_clipping_norm"] == pytest.approx(moved)
     resumed, _ = make_strategy(tmp_path / "resumed", **{
@@ -382,7 +384,7 @@ def private_rounds(strategy, rounds: range) -> None:  # noqa: ANN001
 
 def checkpoint_for(tmp_path: Path, **settings: object):  # noqa: ANN201
     """The checkpoint a run with ``settings`` would resume from (refusals raise)."""
-    return server_app._checkpoint_to_resume(RunConfig.from_mapping({
+    return resumable_checkpoint(RunConfig.from_mapping({
         "output-dir": str(tmp_path), "resume-from": str(tmp_path / "first" / "run"),
         **settings}))
 

@@ -16,6 +16,7 @@ from fedcifar_app.results import RunRecorder
 from fedcifar_app.extensions import build_strategy
 from fedcifar_app.strategies import RunFailedError, load_checkpoint
 from fedcifar_app.strategies.replies import update_problem
+from tests.conftest import resumable_checkpoint
 
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
@@ -293,10 +294,9 @@ def test_a_checkpoint_of_the_strong_model_loads_into_a_fresh_one(tmp_path: Path)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.items())
     # Resuming it as another architecture is refused before anything runs.
     from fedcifar_app.config import ConfigError
-    from fedcifar_app.server_app import _checkpoint_to_resume
     config = RunConfig.from_mapping({"resume-from": str(tmp_path / "run")})
     with pytest.raises(ConfigError, match="holds a resnet9-gn model, 'model' is tutorial-cnn"):
-        _checkpoint_to_resume(config)
+        resumable_checkpoint(config)
 
 
 class LeavingGrid(FakeGrid):

@@ -30,12 +30,12 @@ EVAL_PREFIX, EVAL_WEIGHT = "eval-", "eval-num-examples"
 
 
 class ClientMean:
-    """Running weighted mean of client models (weight: the metric ``weight_key``,
-    num-examples unless DP) and of their metrics, plus the plain mean of other
-    per-client tensors such as SCAFFOLD's control deltas (the server averages those
-    per client, unweighted)."""
+    """Running weighted mean of client models (weight: the metric ``weight_key``; None:
+    UNIT_WEIGHT if the clients' metrics hold it, as DP-FedAvg's do, else num-examples) and
+    of their metrics, plus the plain mean of other per-client tensors such as SCAFFOLD's
+    control deltas (the server averages those per client, unweighted)."""
 
-    def __init__(self, weight_key: str = "num-examples") -> None:
+    def __init__(self, weight_key: str | None = "num-examples") -> None:
         self.weight_key = weight_key
         self.clients = 0
         self.total_weight = 0.0
@@ -46,6 +46,8 @@ class ClientMean:
 
     def add(self, weights: StateDict | None, metrics: dict[str, float],
             per_client: dict[str, StateDict] | None = None) -> None:
+        if self.weight_key is None:
+            self.weight_key = UNIT_WEIGHT if UNIT_WEIGHT in metrics else "num-examples"
         weight = float(metrics[self.weight_key])
         self.clients += 1
         self.total_weight += weight

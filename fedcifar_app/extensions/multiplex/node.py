@@ -11,7 +11,8 @@ from __future__ import annotations
 from logging import WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord,
+                      RecordDict)
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import log
 
@@ -20,7 +21,7 @@ from fedcifar_app.config import NodeConfigError
 from fedcifar_app.data import load_partitions
 from fedcifar_app.extensions.multiplex.clients import (EACH, SEPARATOR, VIRTUAL_CLIENTS,
                                                        ClientMean)
-from fedcifar_app.node import (UNIT_WEIGHT, ClientRound, NodeHooks, StateDict, checked_arrays,
+from fedcifar_app.node import (ClientRound, NodeHooks, StateDict, checked_arrays,
                                client_evaluation, clip_update, node_setup, non_finite,
                                partition_scheme, train_client, worker_identity)
 
@@ -56,7 +57,7 @@ def serve_virtual_clients(msg: Message, context: Context, hooks: NodeHooks) -> M
     net.load_state_dict(received)
     data = load_partitions(config.dataset, config.cache_root,
                            partition_scheme(config, config.virtual_clients), clients)
-    results = _ServedClients(each, UNIT_WEIGHT if config.dp != "none" else "num-examples")
+    results = _ServedClients(each)
     # The bound the server would clip each update to: DP's clipping norm, which the
     # server sends with DP, else update-norm-bound (0: none).
     bound = float(msg.content["config"].get("dp-clipping-norm", config.update_norm_bound))
@@ -96,9 +97,9 @@ class _ServedClients:
     """One multiplexed reply in the making: what became of each client, and their
     mean result (or, with ``each``, every client's result)."""
 
-    def __init__(self, each: bool, weight_key: str) -> None:
+    def __init__(self, each: bool) -> None:
         self.each = each
-        self.mean = ClientMean(weight_key)
+        self.mean = ClientMean(weight_key=None)  # as the clients' metrics say
         self.records = RecordDict()
         self.outcome: dict[str, list] = {"served": [], "failed": [], "failure-reasons": [],
                                          "rejected": []}
