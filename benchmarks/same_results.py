@@ -7,7 +7,9 @@ with another checkout's.
 ``run`` writes DIR/<name>/results.json for the default run and one run each with a
 robust aggregator, an attack, SCAFFOLD and multiplexed clients (short: 3 rounds, one
 local epoch, 10 simulated SuperNodes), plus a DP run whose noise must differ and whose
-epsilon history must not.
+epsilon history must not. Each ``run`` restarts this user's local SuperLink with this checkout on PYTHONPATH: the
+simulation's Ray workers import fedcifar_app by name, from wherever the SuperLink that
+started them found it, so a SuperLink left from another checkout would run that one.
 ``compare`` prints, per configuration, whether the per-round entries are identical once
 what measures time or names a host is left out, and the first difference otherwise.
 """
@@ -16,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_data_arguments, data_config, flwr_run  # noqa: E402
+from common import ROOT, add_data_arguments, data_config, flwr_run  # noqa: E402
 
 SHORT = "num-server-rounds=3 local-epochs=1 seed=42"
 FEDERATION = "num-supernodes=10 client-resources-num-cpus=1"
@@ -67,7 +71,19 @@ def comparable(name: str, results: dict) -> list[dict]:
     return entries
 
 
+def superlink_of_this_checkout() -> None:
+    """Stop this user's local SuperLink and start it again from this checkout."""
+    from fedcifar_app.ops.local_simulation import managed_superlink_pids, stop_process_tree
+
+    os.environ["PYTHONPATH"] = str(ROOT)
+    for pid in managed_superlink_pids():
+        stop_process_tree(pid)
+    subprocess.run([sys.executable, "-m", "fedcifar_app.ops.local_simulation"], cwd=ROOT,
+                   check=True)
+
+
 def run(args: argparse.Namespace) -> None:
+    superlink_of_this_checkout()
     names = args.only or list(CONFIGS)
     for name in names:
         target = args.out / name / "results.json"

@@ -140,6 +140,7 @@ class RunConfig:
     resume_from: str = _setting(
         "", "A checkpoint.pt (or the run folder holding it) to continue from; empty: start "
         "afresh.")
+    # --- Multiplexed clients (extensions/multiplex) --------------------------------
     virtual_clients: int = _setting(
         0, "Multiplexed simulation: this many virtual clients (partitions of the data set), "
         "served by the connected SuperNodes, each node training the clients it is given one "
@@ -150,6 +151,7 @@ class RunConfig:
         0, "Multiplexed mode: SuperNodes that serve the virtual clients, the first ones in "
         "partition order (0: as many as can train at once, the CPUs of the simulation's "
         "Ray cluster; more nodes than that add messages, not speed).", _at_least(0))
+    # --- Evaluation, model, local training ------------------------------------------
     evaluate_every: int = _setting(
         1, "Server-side evaluation on the test split every this many rounds, and after "
         "the last round (1: every round).", _at_least(1))
@@ -171,6 +173,7 @@ class RunConfig:
     weight_decay: float = _setting(0.0, "SGD weight decay (client side).", _at_least(0))
     augment: bool = _setting(
         False, "Random crop (4 px padding) and horizontal flip on training batches.")
+    # --- Strategies (Flower's; SCAFFOLD: extensions/scaffold) ----------------------
     strategy: str = _setting("fedavg", "Server strategy: " + ", ".join(STRATEGIES) + ".",
                              _one_of(STRATEGIES))
     fedprox_mu: float = _setting(0.01, "FedProx proximal term weight mu.", _positive)
@@ -179,6 +182,7 @@ class RunConfig:
     fedadam_eta: float = _setting(0.01, "FedAdam server learning rate (eta).", _positive)
     fedadam_tau: float = _setting(
         0.001, "FedAdam adaptivity (tau): larger is closer to plain FedAvg steps.", _positive)
+    # --- Robust aggregation (extensions/robust) ------------------------------------
     trimmed_beta: float = _setting(
         0.2, "FedTrimmedAvg: fraction of the updates trimmed at each end, per coordinate.",
         lambda v: None if 0 <= v < 0.5 else "must be in [0, 0.5)")
@@ -191,6 +195,7 @@ class RunConfig:
     update_norm_bound: float = _setting(
         0.0, "Clip each training update (its difference from the global model) to this L2 "
         "norm before aggregating, with any strategy; no noise (0: off).", _at_least(0))
+    # --- Differential privacy (extensions/privacy) ---------------------------------
     dp: str = _setting(
         "none", "User-level differential privacy (DP-FedAvg with Poisson sampling, see "
         "docs/privacy.md): 'server' clips each update on the server, 'client' on the "
@@ -225,6 +230,7 @@ class RunConfig:
     dp_max_epsilon: float = _setting(
         0.0, "DP: the run ends cleanly before a round that would take epsilon past this "
         "(0: no cap).", _at_least(0))
+    # --- Secure aggregation (extensions/secagg) ------------------------------------
     secure_aggregation: bool = _setting(
         False, "Run training rounds through Flower's SecAgg+: the server learns only the sum "
         "of the updates of the nodes that finish a round (see docs/secure-aggregation.md).")
@@ -239,9 +245,10 @@ class RunConfig:
         50000.0, "SecAgg+: the largest weight (training examples) of any node's update; "
         "nodes with more refuse the round. Ignored with DP (every client weighs 1).",
         _positive)
+    # --- Simulated attacks (extensions/attacks) ------------------------------------
     attack: str = _setting(
         "none", "Simulated attack of the malicious nodes: " + ", ".join(ATTACKS) + " (see "
-        "fedcifar_app/attacks.py).", _one_of(ATTACKS))
+        "docs/attacks.md).", _one_of(ATTACKS))
     malicious_fraction: float = _setting(
         0.0, "Simulation: fraction of the partitions whose nodes attack, drawn from the seed.",
         _unit_right_open)
@@ -253,6 +260,7 @@ class RunConfig:
     attack_z: float = _setting(
         0.0, "little-is-enough: standard deviations to shift by (0: Baruch et al.'s z_max "
         "for the simulated nodes and attackers).", _at_least(0))
+    # --- Partitions and data -------------------------------------------------------
     partitioner: str = _setting(
         "iid", "How the training split is divided among simulated nodes: "
         + ", ".join(PARTITIONERS) + ".", _one_of(PARTITIONERS))

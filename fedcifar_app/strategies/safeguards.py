@@ -138,10 +138,6 @@ class Safeguarded(Strategy):
             ", ".join(type(h).__name__ for h in self.hooks) or "none")
         self.strategy.summary()
 
-    def hook(self, kind: type) -> Any:
-        """The hook of type ``kind``, or None."""
-        return next((h for h in self.hooks if isinstance(h, kind)), None)
-
     @property
     def releases_empty_rounds(self) -> bool:
         return any(h.releases_empty_rounds for h in self.hooks)

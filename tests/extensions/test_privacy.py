@@ -310,7 +310,7 @@ def test_adaptive_clipping_splits_the_noise_without_spending_more() -> None:
 
 def dp_of(strategy):  # noqa: ANN001, ANN201
     """The DP hook of a safeguarded strategy."""
-    return strategy.hook(DifferentialPrivacy)
+    return next(hook for hook in strategy.hooks if isinstance(hook, DifferentialPrivacy))
 
 
 def test_an_adaptive_round_moves_the_norm_by_the_unclipped_fraction(tmp_path: Path) -> None:
