@@ -27,6 +27,7 @@ PARTITIONERS = ("iid", "dirichlet", "pathological")
 DP_MODES = ("none", "server", "client")
 DP_CLIPPING = ("fixed", "adaptive")
 DP_ACCOUNTANTS = ("pld", "rdp")
+DEVICES = ("none", "drawn", "fedscale")
 # DP-FedAvg's noise and accounting assume the server releases the plain average.
 DP_STRATEGIES = ("fedavg", "fedprox")
 
@@ -260,6 +261,32 @@ class RunConfig:
     attack_z: float = _setting(
         0.0, "little-is-enough: standard deviations to shift by (0: Baruch et al.'s z_max "
         "for the simulated nodes and attackers).", _at_least(0))
+    # --- Heterogeneous devices, simulated clock (extensions/heterogeneity) -----------
+    devices: str = _setting(
+        "none", "Simulation: each client on a device of its own, on a simulated clock (see "
+        "docs/heterogeneity.md): 'drawn' from the seed (device-* and straggler-* keys), "
+        "'fedscale' from FedScale trace files (device-trace, behaviour-trace); none: off.",
+        _one_of(DEVICES))
+    device_seconds_per_sample: float = _setting(
+        0.000125, "devices='drawn': a median device's training seconds per sample (about "
+        "this machine's for the tutorial CNN, 8,000 samples/s).", _positive)
+    device_kbps: float = _setting(
+        20000.0, "devices='drawn': a median device's link, kbit/s each way.", _positive)
+    device_spread: float = _setting(
+        0.5, "devices='drawn': sigma of the log-normal spread of compute and links.",
+        _at_least(0))
+    straggler_fraction: float = _setting(
+        0.0, "devices='drawn': fraction of the clients that are stragglers.", _unit_closed)
+    straggler_slowdown_min: float = _setting(
+        5.0, "devices='drawn': a straggler computes this many times slower, at least...",
+        _at_least(1))
+    straggler_slowdown_max: float = _setting(
+        10.0, "... and at most (drawn uniformly in between).", _at_least(1))
+    device_trace: str = _setting(
+        "", "devices='fedscale': FedScale's client_device_capacity file (absolute path).")
+    behaviour_trace: str = _setting(
+        "", "devices='fedscale': FedScale's client_behave_trace file (absolute path); "
+        "empty: every device always available.")
     # --- Partitions and data -------------------------------------------------------
     partitioner: str = _setting(
         "iid", "How the training split is divided among simulated nodes: "
@@ -341,6 +368,8 @@ class RunConfig:
             problems += self._dp_inconsistencies()
         if self.secure_aggregation:
             problems += self._secure_aggregation_inconsistencies()
+        if self.devices != "none":
+            problems += self._device_inconsistencies()
         if self.virtual_clients and self.min_available_nodes > self.virtual_clients:
             problems.append(f"'min-available-nodes' ({self.min_available_nodes}) counts "
                             "SuperNodes and cannot exceed 'virtual-clients' "
@@ -367,6 +396,21 @@ class RunConfig:
                 f"must be below 2 x 'dp-clipped-count-stddev' ({2 * count_stddev:g}): the "
                 "noised count alone would spend more privacy than the whole round may")
         return problems
+
+    def _device_inconsistencies(self) -> list[str]:
+        """What the simulated clock cannot (yet) honour, or lacks."""
+        clashes = [
+            (self.virtual_clients > 0, "multiplexed mode ('virtual-clients') replies once "
+             "for many clients, whose times the clock needs one by one; set it to 0"),
+            (self.secure_aggregation, "'secure-aggregation' runs its own rounds, off the "
+             "clock; set it to false"),
+            (self.devices == "fedscale" and not self.device_trace,
+             "devices='fedscale' needs 'device-trace' (client_device_capacity)"),
+            (self.devices == "drawn" and bool(self.device_trace or self.behaviour_trace),
+             "'device-trace' and 'behaviour-trace' are read with devices='fedscale'"),
+            (self.straggler_slowdown_min > self.straggler_slowdown_max,
+             "'straggler-slowdown-min' must not exceed 'straggler-slowdown-max'")]
+        return [f"'devices': {message}" for clash, message in clashes if clash]
 
     def _secure_aggregation_inconsistencies(self) -> list[str]:
         """What SecAgg+ cannot combine with: the server sees only the sum of updates."""

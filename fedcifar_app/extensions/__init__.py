@@ -7,7 +7,9 @@ Each package holds its node side, its server side and what it needs of the run c
 * ``attacks``: simulated malicious nodes (``attack``, node config ``attack``);
 * ``scaffold``: SCAFFOLD (``strategy='scaffold'``), which Flower does not ship;
 * ``privacy``: user-level differential privacy, DP-FedAvg (``dp``);
-* ``robust``: Byzantine-robust aggregation checks and update-norm bounding.
+* ``robust``: Byzantine-robust aggregation checks and update-norm bounding;
+* ``heterogeneity``: devices of different speeds, links and availability, on a
+  simulated clock (``devices``).
 
 An extension module may define any of these, each deciding from the run config whether
 it acts (the core never asks "is DP on?"):
@@ -39,7 +41,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedcifar_app.config import RunConfig
-from fedcifar_app.extensions import attacks, multiplex, privacy, robust, scaffold, secagg
+from fedcifar_app.extensions import (attacks, heterogeneity, multiplex, privacy, robust,
+                                     scaffold, secagg)
 from fedcifar_app.node import NodeHooks, TrainingHook
 from fedcifar_app.results import RunRecorder
 from fedcifar_app.strategies import FLOWER_STRATEGIES, Safeguarded, flower_options
@@ -47,7 +50,8 @@ from fedcifar_app.strategies.checkpoint import RESUME_KEYS, resume_settings
 from fedcifar_app.strategies.safeguards import SafeguardSettings
 from fedcifar_app.strategies.sampling import PartitionDirectory
 
-EXTENSIONS: tuple[ModuleType, ...] = (secagg, multiplex, attacks, scaffold, privacy, robust)
+EXTENSIONS: tuple[ModuleType, ...] = (secagg, multiplex, attacks, scaffold, privacy, robust,
+                                      heterogeneity)
 
 
 def _parts(name: str) -> list:

@@ -115,7 +115,7 @@ class RecoveringGrid(WrappedGrid):
         if not messages:
             return []
         patience = float("inf") if timeout is None else timeout
-        report = PhaseReport(messages[0].metadata.message_type, _server_round(messages[0]),
+        report = PhaseReport(messages[0].metadata.message_type, server_round_of(messages[0]),
                              sent=len(messages))
         tried = {m.metadata.dst_node_id for m in messages}
         pending: dict[str, _Pending] = {}
@@ -208,7 +208,8 @@ def _error_reply(instruction: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=instruction)
 
 
-def _server_round(message: Message) -> int | None:
+def server_round_of(message: Message) -> int | None:
+    """The round an instruction belongs to (its config's 'server-round'), if it says."""
     config = message.content.config_records.get("config")
     value = None if config is None else config.get("server-round")
     return int(value) if isinstance(value, int) else None

@@ -1,9 +1,12 @@
 """Heterogeneous clients: each client's device (compute speed, link, availability over
 time), and how long a round takes on it, in simulated seconds.
 
-Devices come from seeded draws (``drawn_devices``: a log-normal spread of speeds and
-links around this machine's, and a fraction of stragglers several times slower) or from
-FedScale's trace files (``traced_devices``):
+A device's compute is modelled, not measured (a measurement would make the simulated
+clock, and with it who is available when, differ from run to run): a round trains
+epochs x examples samples at the device's seconds per sample. Devices come from seeded
+draws (``drawn_devices``: a log-normal spread of speeds and links around a reference
+device, and a fraction of stragglers several times slower) or from FedScale's trace
+files (``traced_devices``):
 
 * ``client_device_capacity``: {client: {"computation": inference latency in ms per
   sample, "communication": link in kbit/s}}; a round computes 3 x batch x steps
@@ -40,23 +43,16 @@ FEDSCALE_TRAINING_FACTOR = 3.0
 class Device:
     """One client's device."""
 
+    seconds_per_sample: float  # training compute per sample
     kbps: float  # its link, each way
-    slowdown: float = 1.0  # drawn devices: compute takes this times what it took here
-    ms_per_sample: float | None = None  # traced devices: inference latency per sample
     active: tuple[float, ...] = ()  # availability windows [active[i], inactive[i]] ...
     inactive: tuple[float, ...] = ()
     period: float = 0.0  # ... repeating every period seconds; 0: always available
 
-    def compute_seconds(self, measured_seconds: float, samples: int) -> float:
-        """Simulated seconds of a round's training that took ``measured_seconds`` here
-        over ``samples`` training samples (epochs times examples)."""
-        if self.ms_per_sample is None:
-            return self.slowdown * measured_seconds
-        return FEDSCALE_TRAINING_FACTOR * samples * self.ms_per_sample / 1000.0
-
-    def transfer_seconds(self, model_bytes: int) -> float:
-        """Simulated seconds to receive the model and send the update back."""
-        return 2 * model_bytes * 8 / 1000.0 / self.kbps
+    def round_seconds(self, samples: int, model_bytes: int) -> float:
+        """Simulated seconds of a round: receive the model, train ``samples`` samples
+        (epochs times examples), send the update back."""
+        return samples * self.seconds_per_sample + 2 * model_bytes * 8 / 1000.0 / self.kbps
 
     def available(self, at: float) -> bool:
         """Whether the client is reachable at simulated time ``at``."""
@@ -75,17 +71,19 @@ class Device:
         return at + (max(ends) - offset) if ends else at
 
 
-def drawn_devices(count: int, seed: int, spread: float, straggler_fraction: float,
-                  straggler_slowdown: tuple[float, float], kbps: float) -> list[Device]:
-    """``count`` devices drawn from ``seed``: slowdowns and links log-normal around 1 and
-    ``kbps`` (sigma ``spread``), and round(fraction x count) stragglers whose slowdown
-    is further multiplied by a factor uniform in ``straggler_slowdown``."""
+def drawn_devices(count: int, seed: int, seconds_per_sample: float, kbps: float,
+                  spread: float, straggler_fraction: float,
+                  straggler_slowdown: tuple[float, float]) -> list[Device]:
+    """``count`` devices drawn from ``seed``: compute and links log-normal around
+    ``seconds_per_sample`` and ``kbps`` (sigma ``spread``), and round(fraction x count)
+    stragglers whose compute is further slowed by a factor uniform in
+    ``straggler_slowdown``."""
     rng = np.random.default_rng([seed, 0x5EED_DE71CE])  # its own stream of the seed
     slowdowns = rng.lognormal(0.0, spread, count)
     links = kbps * rng.lognormal(0.0, spread, count)
     stragglers = rng.permutation(count)[:round(straggler_fraction * count)]
     slowdowns[stragglers] *= rng.uniform(*straggler_slowdown, len(stragglers))
-    return [Device(kbps=float(link), slowdown=float(slowdown))
+    return [Device(seconds_per_sample * float(slowdown), float(link))
             for slowdown, link in zip(slowdowns, links, strict=True)]
 
 
@@ -100,8 +98,8 @@ def traced_devices(capacity_file: Path, behaviour_file: Path | None,
     devices = []
     for client in range(count):
         speed = capacity[capacity_keys[client % len(capacity_keys)]]
-        device = Device(kbps=float(speed["communication"]),
-                        ms_per_sample=float(speed["computation"]))
+        device = Device(FEDSCALE_TRAINING_FACTOR * float(speed["computation"]) / 1000.0,
+                        float(speed["communication"]))
         if behaviour:
             key = behaviour_keys[client % len(behaviour_keys)]
             device = _with_behaviour(device, behaviour[key], behaviour_file, key)
@@ -117,7 +115,7 @@ def _with_behaviour(device: Device, trace: dict, path: Path, key: Any) -> Device
             not 0 <= start <= end for start, end in zip(active, inactive)):
         raise ConfigError(f"{path}: client {key!r}: 'active' and 'inactive' must be lists of "
                           "equal length with active[i] <= inactive[i], and 'finish_time' > 0")
-    return Device(device.kbps, device.slowdown, device.ms_per_sample, active, inactive, period)
+    return Device(device.seconds_per_sample, device.kbps, active, inactive, period)
 
 
 def _trace(path: Path, fields: tuple[str, ...]) -> dict:
