@@ -287,6 +287,10 @@ class RunConfig:
     behaviour_trace: str = _setting(
         "", "devices='fedscale': FedScale's client_behave_trace file (absolute path); "
         "empty: every device always available.")
+    over_selection_keep: int = _setting(
+        0, "Synchronous rounds on the simulated clock (devices) aggregate only the first "
+        "this many updates to arrive, dropping later ones as late; sample more with "
+        "fraction-train (0: wait for every update).", _at_least(0))
     # --- Partitions and data -------------------------------------------------------
     partitioner: str = _setting(
         "iid", "How the training split is divided among simulated nodes: "
@@ -370,6 +374,9 @@ class RunConfig:
             problems += self._secure_aggregation_inconsistencies()
         if self.devices != "none":
             problems += self._device_inconsistencies()
+        elif self.over_selection_keep:
+            problems.append("'over-selection-keep' keeps the first updates to arrive on the "
+                            "simulated clock: set 'devices'")
         if self.virtual_clients and self.min_available_nodes > self.virtual_clients:
             problems.append(f"'min-available-nodes' ({self.min_available_nodes}) counts "
                             "SuperNodes and cannot exceed 'virtual-clients' "

@@ -140,13 +140,15 @@ class AnsweringGrid:
         return replies
 
 
-def clock_over(devices: list[Device], tmp_path: Path, nodes: int = 3):  # noqa: ANN201
+def clock_over(devices: list[Device], tmp_path: Path, nodes: int = 3,  # noqa: ANN201
+               keep_first: int = 0):
     directory = PartitionDirectory(timeout=1)
     directory.partition_of.update({node: node - 1 for node in range(1, nodes + 1)})
     recorder = RunRecorder(tmp_path, kind="federated", unit="round", run_config={})
     inner = AnsweringGrid()
-    return SimulatedClockGrid(inner, devices, directory, recorder, local_epochs=2), inner, \
-        recorder
+    grid = SimulatedClockGrid(inner, devices, directory, recorder, local_epochs=2,
+                              keep_first=keep_first)
+    return grid, inner, recorder
 
 
 def instructions(server_round: int, nodes: list[int]) -> list[Message]:
@@ -183,6 +185,20 @@ def test_an_unavailable_client_fails_unsent_and_one_going_offline_is_dropped(
     (entry,) = recorder.entries
     assert (entry["unavailable"], entry["offline"]) == ([1], [2])
     assert grid.now == pytest.approx(4.0)  # the round waited for the client that stayed
+
+
+def test_over_selection_keeps_the_first_updates_and_drops_the_late_ones(
+        tmp_path: Path, server_task_identity):
+    # Arrivals (200 samples + 2 s of transfer): 4, 22, 6 and 42 s.
+    devices = [Device(0.01, 8.0), Device(0.1, 8.0), Device(0.02, 8.0), Device(0.2, 8.0)]
+    grid, _, recorder = clock_over(devices, tmp_path, nodes=4, keep_first=2)
+    replies = grid.send_and_receive(instructions(1, [1, 2, 3, 4]))
+    used = [r.metadata.src_node_id for r in replies if not r.has_error()]
+    late = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
+    assert sorted(used) == [1, 3] and sorted(late) == [2, 4]
+    assert "dropped as late" in late[2]
+    assert grid.now == pytest.approx(6.0)  # the round ends with the second arrival
+    assert recorder.entries[0]["late"] == [1, 3]
 
 
 def test_evaluation_is_off_the_clock(tmp_path: Path, server_task_identity):
@@ -245,3 +261,18 @@ def test_a_fedscale_trace_drives_a_run(local_simulation: dict[str, str], tiny_da
     assert 0 < entries[0]["simulated_round_seconds"] == pytest.approx(
         entries[0]["simulated_seconds"])
     assert entries[1]["simulated_seconds"] > entries[0]["simulated_seconds"]
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"over-selection-keep": 3}, "'over-selection-keep' keeps the first updates"),
+    ({"devices": "drawn", "virtual-clients": 10}, "'devices': multiplexed mode"),
+    ({"devices": "drawn", "secure-aggregation": True}, "'devices': 'secure-aggregation'"),
+    ({"devices": "fedscale"}, "needs 'device-trace'"),
+    ({"devices": "drawn", "device-trace": "/x"}, "read with devices='fedscale'"),
+    ({"devices": "drawn", "straggler-slowdown-min": 11.0}, "must not exceed"),
+])
+def test_what_the_clock_cannot_honour_is_refused_by_name(settings: dict, named: str):
+    from fedcifar_app.config import RunConfig
+
+    with pytest.raises(ConfigError, match=named):
+        RunConfig.from_mapping(settings)

@@ -33,4 +33,5 @@ def training_grid(config: RunConfig, grid: Grid, strategy: Safeguarded) -> Grid 
     partitions = [p for p in strategy.partitions.partition_of.values() if p is not None]
     count = max(max(partitions, default=-1) + 1, len(strategy.partitions.partition_of), 1)
     return SimulatedClockGrid(grid, devices_for(config, count), strategy.partitions,
-                              strategy.recorder, config.local_epochs)
+                              strategy.recorder, config.local_epochs,
+                              keep_first=config.over_selection_keep)

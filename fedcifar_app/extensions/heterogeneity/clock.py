@@ -10,10 +10,13 @@ set. The simulation does not sleep; the clock is a number the grid moves on:
   device's round seconds (model down, epochs x examples samples, update up). A client
   whose availability window closes before that went offline mid-round: its reply is
   replaced by an error reply, as if it never came;
+* with over-selection (``keep_first`` K, run-config ``over-selection-keep``; sample
+  more than K with fraction-train), only the first K updates to arrive are aggregated,
+  as production systems do against stragglers; the later ones are dropped as late;
 * the round ends when the last reply it uses arrives: the clock moves to T + the
   longest of them. results.json records, per round, ``simulated_round_seconds``,
   ``simulated_seconds`` (the clock at the round's end), and the clients that were
-  ``unavailable`` or went ``offline``.
+  ``unavailable``, went ``offline`` or arrived ``late``.
 
 Evaluation phases are off the clock (they go to available clients, and take no
 simulated time). The clock starts at 0, and a resumed run continues it from the last
@@ -40,8 +43,9 @@ class SimulatedClockGrid(WrappedGrid):
     partition i (a node without a partition id takes devices[node ID mod count])."""
 
     def __init__(self, grid: Grid, devices: list[Device], partitions: PartitionDirectory,
-                 recorder: RunRecorder, local_epochs: int) -> None:
+                 recorder: RunRecorder, local_epochs: int, keep_first: int = 0) -> None:
         self.grid = grid
+        self.keep_first = keep_first  # over-selection: aggregate the first K (0: all)
         self.devices = devices
         self.partitions = partitions
         self.recorder = recorder
@@ -68,7 +72,7 @@ class SimulatedClockGrid(WrappedGrid):
         results = [_failed(m, f"client {c}'s device is unavailable at simulated second "
                               f"{start:.1f}") for c, m in unavailable]
         model_bytes = _model_bytes(messages[0].content["arrays"])
-        durations, offline = [], []
+        arrivals, offline = [], []
         replies = self.grid.send_and_receive([m for _, m in reachable], timeout=timeout)
         for reply in replies:
             if reply.has_error():
@@ -83,16 +87,24 @@ class SimulatedClockGrid(WrappedGrid):
                                        f"client {client} went offline before its update "
                                        f"arrived (simulated second {start + seconds:.1f})"))
                 continue
-            durations.append(seconds)
-            results.append(reply)
-        self.now = start + max(durations, default=0.0)
+            arrivals.append((seconds, client, reply))
+        arrivals.sort(key=lambda arrival: arrival[:2])  # by arrival, then client: seeded
+        kept = arrivals[:self.keep_first] if self.keep_first else arrivals
+        late = arrivals[len(kept):]
+        results += [reply for _, _, reply in kept]
+        results += [_failed(_instruction_answered_by(reply), f"client {client}'s update "
+                            f"arrived after the first {self.keep_first} (simulated second "
+                            f"{start + seconds:.1f}): dropped as late")
+                    for seconds, client, reply in late]
+        self.now = start + max((seconds for seconds, _, _ in kept), default=0.0)
         server_round = server_round_of(messages[0])
         if server_round is not None:
             self.recorder.record(server_round, save=False,
                                  simulated_round_seconds=round(self.now - start, 3),
                                  simulated_seconds=round(self.now, 3),
                                  unavailable=sorted(c for c, _ in unavailable),
-                                 offline=sorted(offline))
+                                 offline=sorted(offline),
+                                 late=sorted(client for _, client, _ in late))
         return results
 
 
