@@ -82,7 +82,9 @@ def deployment_name(choice: str) -> str:
 
 def run_deployment(args: argparse.Namespace, run_config: str, warm: bool, fast: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="fedcifar-bench-flwr-") as home:
-        os.environ["FLWR_HOME"] = home  # the launcher and flwr read it
+        # The launcher and flwr read it; the simulations before and after use the caller's.
+        callers_home = os.environ.get("FLWR_HOME")
+        os.environ["FLWR_HOME"] = home
         folders = Path(args.dataset).resolve() if args.node_data == "folders" else None
         started = federation.up(args.nodes, tls=True, auth=True, data=folders,
                                 warm_clientapps=warm, fast_supernodes=fast)
@@ -94,7 +96,10 @@ def run_deployment(args: argparse.Namespace, run_config: str, warm: bool, fast: 
             wall, run_dir, _ = flwr_run(run_config, connection=started.name)
         finally:
             federation.down(started.name)
-            del os.environ["FLWR_HOME"]
+            if callers_home is None:
+                del os.environ["FLWR_HOME"]
+            else:
+                os.environ["FLWR_HOME"] = callers_home
     return {"wall_s": wall, **round_times(run_dir)}
 
 
