@@ -245,3 +245,12 @@ def act_as_serverapp(run_id: int = 1) -> None:
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
+
+
+def _warn_if_unsupported() -> None:
+    problem = flwr_version_problem()
+    if problem is not None:
+        logging.getLogger(FLOWER_LOGGER_NAME).warning("[fedcifar] %s", problem)
+
+
+_warn_if_unsupported()  # once, when the module is imported

@@ -111,6 +111,18 @@ def test_the_installed_flwr_is_the_series_compat_was_written_for(monkeypatch):
     assert "flwr 1.43.0 is installed" in compat.flwr_version_problem()
 
 
+def test_importing_compat_under_another_flwr_warns():
+    probe = ("import importlib.metadata, logging; logging.basicConfig(); "
+             "importlib.metadata.version = lambda name: '1.43.0'; import fedcifar_app.compat")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert "[fedcifar] flwr 1.43.0 is installed" in done.stderr
+    quiet = subprocess.run([sys.executable, "-c", probe.split("; importlib.metadata.version")[0]
+                            + "; import fedcifar_app.compat"], capture_output=True, text=True,
+                           timeout=120, check=True)
+    assert "is installed" not in quiet.stderr
+
+
 @pytest.mark.parametrize("name", compat.FLWR_ENV_VARIABLES)
 def test_flwr_still_reads_each_environment_variable_fedcifar_sets(name):
     """A variable flwr no longer reads would be set to no effect, silently."""
