@@ -190,6 +190,18 @@ def training_node(federation: launcher.Federation) -> int | None:
     return next(iter(clientapps(federation).values()), None)
 
 
+def wait_for_run_start(tmp_path: Path) -> None:
+    wait_for(lambda: any(tmp_path.glob("out/flwr-run-*/results.json")), 120,
+             "the run to start")
+
+
+def wait_for_training(federation: launcher.Federation, tmp_path: Path) -> None:
+    """Until a node trains. Round 0's evaluation is written once every node has said
+    which partition it holds (a ClientApp per node): a ClientApp after that trains."""
+    wait_for_run_start(tmp_path)
+    wait_for(lambda: training_node(federation) is not None, 120, "a node to train")
+
+
 def start_run(federation: launcher.Federation, config: str) -> subprocess.Popen:
     return subprocess.Popen(["flwr", "run", ".", federation.name, "--stream",
                              "--run-config", config], cwd=ROOT, stdout=subprocess.PIPE,
@@ -218,11 +230,7 @@ def test_a_sigkilled_training_node_is_replaced_and_the_run_completes(
         "local-epochs": 200})
     run = start_run(federation, config)
     try:
-        # Round 0's evaluation is written once every node has said which partition it
-        # holds (a ClientApp per node): a ClientApp after that trains.
-        wait_for(lambda: any(tmp_path.glob("out/flwr-run-*/results.json")), 120,
-                 "the run to start")
-        wait_for(lambda: training_node(federation) is not None, 120, "a node to train")
+        wait_for_training(federation, tmp_path)
         victim = training_node(federation)
         launcher.stop_process_tree(federation.supernode_pids[victim],
                                    first_signal=signal.SIGKILL)
@@ -254,11 +262,7 @@ def test_a_restarted_node_is_sampled_again(deploy, tiny_dataset: Path,
         "local-epochs": 100})
     run = start_run(federation, config)
     try:
-        # Round 0's evaluation is written once every node has said which partition it
-        # holds (a ClientApp per node): a ClientApp after that trains.
-        wait_for(lambda: any(tmp_path.glob("out/flwr-run-*/results.json")), 120,
-                 "the run to start")
-        wait_for(lambda: training_node(federation) is not None, 120, "a node to train")
+        wait_for_training(federation, tmp_path)
         launcher.restart_supernode(federation, 0, kill=False)
     finally:
         output, status = finish(run, federation)
@@ -332,8 +336,7 @@ def test_secure_aggregation_completes_when_a_node_drops_after_the_key_exchange(
         "local-epochs": 1500})
     run = start_run(federation, config)
     try:
-        wait_for(lambda: any(tmp_path.glob("out/flwr-run-*/results.json")), 120,
-                 "the run to start")
+        wait_for_run_start(tmp_path)
 
         def training_for_a_while() -> bool:  # the same ClientApp still there 8 s later
             before = clientapps(federation)
