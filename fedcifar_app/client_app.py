@@ -48,11 +48,17 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Answer the server's one question per node: which partition this node holds
-    (simulation), so that its draws follow the seed; a node with its own
-    ``data-path`` holds none and answers with no partition id."""
+    """Answer the server's questions about this node: which partition it holds
+    (simulation), so that its draws follow the seed (a node with its own ``data-path``
+    holds none and answers with no partition id); how many training examples it holds,
+    from which the simulated clock models its compute."""
     asked = msg.content["config"].get("query")
-    if asked != "partition-id":
-        raise ValueError(f"unknown query {asked!r}; this ClientApp answers 'partition-id'")
-    partition = context.node_config.get("partition-id")
-    return reply(msg, {} if partition is None else {"partition-id": int(partition)})
+    if asked == "partition-id":
+        partition = context.node_config.get("partition-id")
+        return reply(msg, {} if partition is None else {"partition-id": int(partition)})
+    if asked == "num-examples":
+        config, device = node_setup(context)
+        train_data, _ = node_data_on(device, config, context.node_config)
+        return reply(msg, {"num-examples": len(train_data)})
+    raise ValueError(f"unknown query {asked!r}; this ClientApp answers 'partition-id' and "
+                     "'num-examples'")

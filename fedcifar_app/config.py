@@ -19,7 +19,7 @@ from fedcifar_app.errors import AnticipatedError
 from fedcifar_app.task import MODELS
 
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "fedmedian",
-              "fedtrimmedavg", "krum", "multikrum", "bulyan")
+              "fedtrimmedavg", "krum", "multikrum", "bulyan", "fedbuff")
 ATTACKS = ("none", "label-flip", "sign-flip", "scale", "gaussian", "little-is-enough")
 # The Byzantine-robust aggregators, which assume up to num-malicious-nodes attackers.
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
@@ -28,6 +28,7 @@ DP_MODES = ("none", "server", "client")
 DP_CLIPPING = ("fixed", "adaptive")
 DP_ACCOUNTANTS = ("pld", "rdp")
 DEVICES = ("none", "drawn", "fedscale")
+STALENESS_WEIGHTINGS = ("inverse-sqrt", "inverse", "none")
 # DP-FedAvg's noise and accounting assume the server releases the plain average.
 DP_STRATEGIES = ("fedavg", "fedprox")
 
@@ -291,6 +292,22 @@ class RunConfig:
         0, "Synchronous rounds on the simulated clock (devices) aggregate only the first "
         "this many updates to arrive, dropping later ones as late; sample more with "
         "fraction-train (0: wait for every update).", _at_least(0))
+    # --- Asynchronous training (extensions/fedbuff) ---------------------------------
+    fedbuff_concurrency: int = _setting(
+        10, "strategy='fedbuff': clients training at once (replaces fraction-train); a "
+        "freed client's slot goes to another free client at once.", _at_least(1))
+    fedbuff_buffer_size: int = _setting(
+        5, "strategy='fedbuff': updates buffered per server step (num-server-rounds counts "
+        "these steps).", _at_least(1))
+    fedbuff_server_lr: float = _setting(
+        1.0, "strategy='fedbuff': server learning rate of a step.", _positive)
+    fedbuff_staleness: str = _setting(
+        "inverse-sqrt", "strategy='fedbuff': weight of an update trained on a model tau "
+        "steps old: 'inverse-sqrt' 1/sqrt(1+tau) (the paper's), 'inverse' 1/(1+tau), 'none' 1.",
+        _one_of(STALENESS_WEIGHTINGS))
+    fedbuff_max_staleness: int = _setting(
+        0, "strategy='fedbuff': drop updates more than this many steps old, counted as stale "
+        "(0: keep all).", _at_least(0))
     # --- Partitions and data -------------------------------------------------------
     partitioner: str = _setting(
         "iid", "How the training split is divided among simulated nodes: "
@@ -377,6 +394,8 @@ class RunConfig:
         elif self.over_selection_keep:
             problems.append("'over-selection-keep' keeps the first updates to arrive on the "
                             "simulated clock: set 'devices'")
+        if self.strategy == "fedbuff":
+            problems += self._fedbuff_inconsistencies()
         if self.virtual_clients and self.min_available_nodes > self.virtual_clients:
             problems.append(f"'min-available-nodes' ({self.min_available_nodes}) counts "
                             "SuperNodes and cannot exceed 'virtual-clients' "
@@ -418,6 +437,23 @@ class RunConfig:
             (self.straggler_slowdown_min > self.straggler_slowdown_max,
              "'straggler-slowdown-min' must not exceed 'straggler-slowdown-max'")]
         return [f"'devices': {message}" for clash, message in clashes if clash]
+
+    def _fedbuff_inconsistencies(self) -> list[str]:
+        """What FedBuff cannot (yet) honour soundly."""
+        clashes = [
+            (self.secure_aggregation, "'secure-aggregation' masks a round's updates with "
+             "the round's other nodes; set it to false"),
+            (self.dp != "none", "'dp' accounts rounds of Poisson-sampled clients; set it to "
+             "'none'"),
+            (self.update_norm_bound > 0, "'update-norm-bound' is not applied to buffered "
+             "updates; set it to 0"),
+            (self.virtual_clients > 0, "multiplexed mode ('virtual-clients') answers for "
+             "many clients at once; set it to 0"),
+            (self.over_selection_keep > 0, "'over-selection-keep' is for synchronous "
+             "rounds; set it to 0"),
+            (self.evaluate_in_train, "'evaluate-in-train' folds evaluation into rounds; "
+             "set it to false")]
+        return [f"strategy 'fedbuff': {message}" for clash, message in clashes if clash]
 
     def _secure_aggregation_inconsistencies(self) -> list[str]:
         """What SecAgg+ cannot combine with: the server sees only the sum of updates."""

@@ -9,7 +9,8 @@ Each package holds its node side, its server side and what it needs of the run c
 * ``privacy``: user-level differential privacy, DP-FedAvg (``dp``);
 * ``robust``: Byzantine-robust aggregation checks and update-norm bounding;
 * ``heterogeneity``: devices of different speeds, links and availability, on a
-  simulated clock (``devices``).
+  simulated clock (``devices``);
+* ``fedbuff``: asynchronous training, FedBuff (``strategy='fedbuff'``).
 
 An extension module may define any of these, each deciding from the run config whether
 it acts (the core never asks "is DP on?"):
@@ -23,7 +24,8 @@ it acts (the core never asks "is DP on?"):
 * ``STRATEGIES``: strategies it adds (name -> Flower strategy class);
 * ``strategy_options(config)``: keyword arguments for the Flower strategy;
 * ``training_grid(config, grid, strategy)``: a Grid wrapper, or None;
-* ``runner(config)``: a function that runs the rounds instead of ``strategy.start``;
+* ``runner(config)``: a function that runs the rounds (or steps) instead of
+  ``strategy.start``, on the training grid;
 * ``replacement_problem(config)``: why a failed node must not be replaced, or None;
 * ``resume_keys(config)``: run-config keys a resumed run must share.
 
@@ -41,8 +43,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedcifar_app.config import RunConfig
-from fedcifar_app.extensions import (attacks, heterogeneity, multiplex, privacy, robust,
-                                     scaffold, secagg)
+from fedcifar_app.extensions import (attacks, fedbuff, heterogeneity, multiplex, privacy,
+                                     robust, scaffold, secagg)
 from fedcifar_app.node import NodeHooks, TrainingHook
 from fedcifar_app.results import RunRecorder
 from fedcifar_app.strategies import FLOWER_STRATEGIES, Safeguarded, flower_options
@@ -51,7 +53,7 @@ from fedcifar_app.strategies.safeguards import SafeguardSettings
 from fedcifar_app.strategies.sampling import PartitionDirectory
 
 EXTENSIONS: tuple[ModuleType, ...] = (secagg, multiplex, attacks, scaffold, privacy, robust,
-                                      heterogeneity)
+                                      heterogeneity, fedbuff)
 
 
 def _parts(name: str) -> list:
@@ -124,13 +126,14 @@ def training_grid(config: RunConfig, grid: Grid, strategy: Safeguarded) -> Grid:
 def run_rounds(grid: Grid, context: Context, config: RunConfig, strategy: Safeguarded,
                initial_arrays: ArrayRecord, evaluate_fn: Callable, num_rounds: int
                ) -> ArrayRecord:
-    """Run the rounds: Flower's ``strategy.start``, unless an extension runs them (SecAgg+);
-    return the final global model."""
+    """Run the rounds: Flower's ``strategy.start``, unless an extension runs them (SecAgg+,
+    FedBuff); return the final global model."""
+    grid = training_grid(config, grid, strategy)
     for runner in _parts("runner"):
         run = runner(config)
         if run is not None:
             return run(grid, context, config, strategy, initial_arrays, evaluate_fn,
                        num_rounds)
-    return strategy.start(grid=training_grid(config, grid, strategy),
+    return strategy.start(grid=grid,
                           initial_arrays=initial_arrays, num_rounds=num_rounds,
                           timeout=config.round_timeout, evaluate_fn=evaluate_fn).arrays

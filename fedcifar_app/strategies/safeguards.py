@@ -282,15 +282,11 @@ class Safeguarded(Strategy):
             log(WARNING, "Round %d: dropped the update of node %d: %s", run_round,
                 reply.metadata.src_node_id, problem)
 
-        # The ArrayRecords a training reply holds: the strategy's own (Scaffold) or Flower's.
-        record_names = getattr(self.strategy, "reply_records", ("arrays",))
         candidates = []
         for reply in replies:
             if reply.has_error():
                 continue
-            problem = (update_problem(reply, self._global_arrays, record_names)
-                       or next(filter(None, (h.reply_problem(reply, self._global_arrays)
-                                             for h in self.hooks)), None))
+            problem = self.update_problem(reply, self._global_arrays)
             if problem is None:
                 candidates.append(reply)
             else:
@@ -305,6 +301,15 @@ class Safeguarded(Strategy):
                 reject(reply, f"metric names {sorted(metric_names(reply))} differ from the "
                               f"other replies' {sorted(common_names)}")
         return usable, rejected
+
+    def update_problem(self, reply: Message, global_arrays: ArrayRecord) -> str | None:
+        """Why a (non-error) training reply on ``global_arrays`` must not be aggregated:
+        the core checks (see replies.update_problem), then the hooks'."""
+        # The ArrayRecords a training reply holds: the strategy's own (Scaffold) or Flower's.
+        record_names = getattr(self.strategy, "reply_records", ("arrays",))
+        return (update_problem(reply, global_arrays, record_names)
+                or next(filter(None, (h.reply_problem(reply, global_arrays)
+                                      for h in self.hooks)), None))
 
     def _clip(self, run_round: int, usable: list[Message]) -> None:
         """Let the hooks clip the usable updates; record how many were longer."""

@@ -164,9 +164,9 @@ def test_a_round_lasts_as_long_as_its_slowest_client(tmp_path: Path, server_task
     grid, _, recorder = clock_over(devices, tmp_path)
     replies = grid.send_and_receive(instructions(1, [1, 2, 3]))
     assert not any(r.has_error() for r in replies)
-    assert grid.now == pytest.approx(22.0)  # the straggler: 20 + 2 s
+    assert grid.now() == pytest.approx(22.0)  # the straggler: 20 + 2 s
     grid.send_and_receive(instructions(2, [1, 3]))
-    assert grid.now == pytest.approx(26.0)  # without it: 2 + 2 s more
+    assert grid.now() == pytest.approx(26.0)  # without it: 2 + 2 s more
     rounds = {e["round"]: e for e in recorder.entries}
     assert (rounds[1]["simulated_round_seconds"], rounds[2]["simulated_seconds"]) == (22.0, 26.0)
 
@@ -184,7 +184,7 @@ def test_an_unavailable_client_fails_unsent_and_one_going_offline_is_dropped(
     assert "unavailable" in failed[2] and "went offline" in failed[3]
     (entry,) = recorder.entries
     assert (entry["unavailable"], entry["offline"]) == ([1], [2])
-    assert grid.now == pytest.approx(4.0)  # the round waited for the client that stayed
+    assert grid.now() == pytest.approx(4.0)  # the round waited for the client that stayed
 
 
 def test_over_selection_keeps_the_first_updates_and_drops_the_late_ones(
@@ -197,7 +197,7 @@ def test_over_selection_keeps_the_first_updates_and_drops_the_late_ones(
     late = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
     assert sorted(used) == [1, 3] and sorted(late) == [2, 4]
     assert "dropped as late" in late[2]
-    assert grid.now == pytest.approx(6.0)  # the round ends with the second arrival
+    assert grid.now() == pytest.approx(6.0)  # the round ends with the second arrival
     assert recorder.entries[0]["late"] == [1, 3]
 
 
@@ -205,7 +205,7 @@ def test_evaluation_is_off_the_clock(tmp_path: Path, server_task_identity):
     grid, _, _ = clock_over([Device(1.0, 1.0)], tmp_path, nodes=1)
     evaluate = [Message(m.content, dst_node_id=1, message_type=MessageType.EVALUATE)
                 for m in instructions(1, [1])]
-    assert not grid.send_and_receive(evaluate)[0].has_error() and grid.now == 0.0
+    assert not grid.send_and_receive(evaluate)[0].has_error() and grid.now() == 0.0
 
 
 # --- Whole simulations (flwr run .) ----------------------------------------------------------

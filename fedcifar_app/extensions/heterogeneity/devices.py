@@ -71,6 +71,15 @@ class Device:
         return at + (max(ends) - offset) if ends else at
 
 
+    def next_available(self, at: float) -> float:
+        """The first time from ``at`` on when the client is reachable."""
+        if self.available(at):
+            return at
+        offset = at % self.period
+        later = [start for start in self.active if start > offset]
+        return at + (min(later) - offset if later else self.period - offset + min(self.active))
+
+
 def drawn_devices(count: int, seed: int, seconds_per_sample: float, kbps: float,
                   spread: float, straggler_fraction: float,
                   straggler_slowdown: tuple[float, float]) -> list[Device]:
