@@ -159,3 +159,17 @@ def finished_seeds(row: dict[str, Any]) -> list[dict[str, Any]]:
     measured earlier whose figures were kept."""
     return [seed for seed in row["seeds"].values()
             if seed.get("status") in ("completed", "earlier")]
+
+
+def superlink_of_this_checkout() -> None:
+    """Stop this user's local SuperLink and start it again from this checkout: the
+    simulation's Ray workers import fedcifar_app by name, from wherever the SuperLink
+    that started them found it, so a SuperLink left from another checkout would run that
+    one."""
+    from fedcifar_app.ops.local_simulation import managed_superlink_pids, stop_process_tree
+
+    os.environ["PYTHONPATH"] = str(ROOT)
+    for pid in managed_superlink_pids():
+        stop_process_tree(pid)
+    subprocess.run([sys.executable, "-m", "fedcifar_app.ops.local_simulation"], cwd=ROOT,
+                   check=True)

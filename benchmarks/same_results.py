@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, add_data_arguments, data_config, flwr_run  # noqa: E402
+from common import (ROOT, add_data_arguments, data_config, flwr_run,  # noqa: E402
+                    superlink_of_this_checkout)
 
 SHORT = "num-server-rounds=3 local-epochs=1 seed=42"
 FEDERATION = "num-supernodes=10 client-resources-num-cpus=1"
@@ -69,17 +70,6 @@ def comparable(name: str, results: dict) -> list[dict]:
     if name == "dp":
         return [{k: v for k, v in e.items() if k in DP_KEPT} for e in entries]
     return entries
-
-
-def superlink_of_this_checkout() -> None:
-    """Stop this user's local SuperLink and start it again from this checkout."""
-    from fedcifar_app.ops.local_simulation import managed_superlink_pids, stop_process_tree
-
-    os.environ["PYTHONPATH"] = str(ROOT)
-    for pid in managed_superlink_pids():
-        stop_process_tree(pid)
-    subprocess.run([sys.executable, "-m", "fedcifar_app.ops.local_simulation"], cwd=ROOT,
-                   check=True)
 
 
 def run(args: argparse.Namespace) -> None:

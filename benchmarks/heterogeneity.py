@@ -1,0 +1,135 @@
+"""Stragglers on the simulated clock: synchronous FedAvg, over-selection and FedBuff.
+
+    python benchmarks/heterogeneity.py --dataset /abs/path/to/cifar10
+        [--seeds 42 43 44] [--splits iid dirichlet] [--methods sync over-selection fedbuff]
+
+100 simulated clients of 500 CIFAR-10 training images each (no validation hold-out, no
+client-side evaluation), a quarter of them stragglers computing 5-10x slower
+(``devices='drawn' straggler-fraction=0.25``: compute and links log-normal, sigma 0.5,
+around 0.125 ms per sample and 20 Mbit/s), split IID or Dirichlet(0.5) over labels.
+Every method aggregates 10 updates at a time, AGGREGATIONS times (so each uses the same
+number of updates):
+
+* ``sync``: FedAvg, 10 clients per round, each round waiting for all 10;
+* ``over-selection``: 13 clients sampled, the first 10 updates to arrive kept;
+* ``fedbuff``: 20 clients training at once, a server step every 10 updates
+  (staleness weight 1/sqrt(1 + tau), server learning rate 1).
+
+Per (method, split, seed) one run, appended to heterogeneity.json under --out as it
+finishes; a run cut off resumes from its last round or step (``resume-from``), so the
+script can be restarted until every run is done. The summary gives, per method and
+split, the mean ± sample std over seeds of the simulated seconds, the real seconds and
+the client updates until the server's test accuracy first reached 55 and 60 %, and the
+final accuracy; ``benchmarks/figures.py`` draws accuracy against simulated time and
+against updates (docs/figures/heterogeneity.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+from common import (add_data_arguments, data_config, load, machine, run_resumable, save,
+                    superlink_of_this_checkout)
+
+AGGREGATIONS = 80
+CLIENTS = 100
+COMMON = (f"num-server-rounds={AGGREGATIONS} local-epochs=2 fraction-evaluate=0.0 "
+          f"validation-fraction=0.0 min-available-nodes={CLIENTS} devices='drawn' "
+          "straggler-fraction=0.25 straggler-slowdown-min=5.0 straggler-slowdown-max=10.0")
+METHODS = {
+    "sync": "strategy='fedavg' fraction-train=0.1",
+    "over-selection": "strategy='fedavg' fraction-train=0.13 over-selection-keep=10",
+    "fedbuff": "strategy='fedbuff' fedbuff-concurrency=20 fedbuff-buffer-size=10",
+}
+SPLITS = {"iid": "partitioner='iid'",
+          "dirichlet": "partitioner='dirichlet' dirichlet-alpha=0.5"}
+FEDERATION = f"num-supernodes={CLIENTS} client-resources-num-cpus=1"
+THRESHOLDS = (0.55, 0.60)
+
+
+def curve(results: dict) -> list[dict]:
+    """Per evaluated round or step: simulated and real seconds, updates so far, accuracy."""
+    points, updates = [], 0
+    for entry in results["entries"]:
+        updates += entry.get("train_replies", 0)
+        if entry.get("test_accuracy") is not None:
+            points.append({"aggregations": entry["round"], "updates": updates,
+                           "simulated_s": entry.get("simulated_seconds", 0.0),
+                           "real_s": entry["elapsed_s"], "accuracy": entry["test_accuracy"]})
+    return points
+
+
+def reached(points: list[dict], threshold: float) -> dict | None:
+    return next((p for p in points if p["accuracy"] >= threshold), None)
+
+
+def spread(values: list[float], digits: int = 0) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def summary(report: dict) -> list[str]:
+    lines = ["| split | method | runs | " + " | ".join(
+        f"sim. s to {t:.0%} | real s to {t:.0%} | updates to {t:.0%}" for t in THRESHOLDS)
+        + " | final acc. % |", "|" + "---|" * (4 + 3 * len(THRESHOLDS))]
+    for split in SPLITS:
+        for method in METHODS:
+            runs = [r for r in report["runs"].values()
+                    if (r["split"], r["method"], r["status"]) == (split, method, "completed")]
+            if not runs:
+                continue
+            cells = []
+            for threshold in THRESHOLDS:
+                hits = [p for r in runs if (p := reached(r["curve"], threshold))]
+                suffix = f" ({len(hits)}/{len(runs)})" if len(hits) < len(runs) else ""
+                cells += [spread([p["simulated_s"] for p in hits]) + suffix,
+                          spread([p["real_s"] for p in hits]),
+                          spread([p["updates"] for p in hits])]
+            final = [100 * r["curve"][-1]["accuracy"] for r in runs]
+            lines.append(f"| {split} | {method} | {len(runs)} | " + " | ".join(cells)
+                         + f" | {spread(final, 2)} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_arguments(parser)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    args = parser.parse_args()
+    out = args.out.resolve()
+    path = out / "heterogeneity.json"
+    report = load(path) or {"machine": machine(), "command": " ".join(sys.argv), "runs": {}}
+    superlink_of_this_checkout()
+    # Seed by seed, so that an interrupted benchmark has every method of a split to compare.
+    for seed in args.seeds:
+        for split in args.splits:
+            for method in args.methods:
+                name = f"{split}-{method}-{seed}"
+                if report["runs"].get(name, {}).get("status") == "completed":
+                    continue
+                run_config = (f"{COMMON} {SPLITS[split]} {METHODS[method]} seed={seed} "
+                              f"{data_config(args, out / 'heterogeneity' / name)}")
+                run_dir, wall = run_resumable(run_config, out / "heterogeneity" / name, name,
+                                              FEDERATION)
+                results = load(run_dir / "results.json")
+                earlier = report["runs"].get(name, {}).get("wall_s", 0.0)
+                report["runs"][name] = {
+                    "split": split, "method": method, "seed": seed, "run_dir": str(run_dir),
+                    "status": results["status"], "wall_s": earlier + wall,
+                    "curve": curve(results)}
+                save(path, report)
+                print(f"{name}: {wall:.0f} s, final accuracy "
+                      f"{results['entries'][-1].get('test_accuracy')}", flush=True)
+    print("\n".join(summary(report)))
+
+
+if __name__ == "__main__":
+    main()
