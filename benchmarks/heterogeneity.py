@@ -6,7 +6,9 @@
 100 simulated clients of 500 CIFAR-10 training images each (no validation hold-out, no
 client-side evaluation), a quarter of them stragglers computing 5-10x slower
 (``devices='drawn' straggler-fraction=0.25``: compute and links log-normal, sigma 0.5,
-around 0.125 ms per sample and 20 Mbit/s), split IID or Dirichlet(0.5) over labels.
+around 2 ms per sample, a phone-class device, and 20 Mbit/s, so that a round's compute,
+2 s for 2 epochs of 500 images, outweighs the 0.2 s the model takes down and up, and a
+straggler's round is 5-10x longer), split IID or Dirichlet(0.5) over labels.
 Every method aggregates 10 updates at a time, AGGREGATIONS times (so each uses the same
 number of updates):
 
@@ -34,11 +36,12 @@ from pathlib import Path
 from common import (add_data_arguments, data_config, load, machine, run_resumable, save,
                     superlink_of_this_checkout)
 
-AGGREGATIONS = 80
+AGGREGATIONS = 150
 CLIENTS = 100
 COMMON = (f"num-server-rounds={AGGREGATIONS} local-epochs=2 fraction-evaluate=0.0 "
           f"validation-fraction=0.0 min-available-nodes={CLIENTS} devices='drawn' "
-          "straggler-fraction=0.25 straggler-slowdown-min=5.0 straggler-slowdown-max=10.0")
+          "device-seconds-per-sample=0.002 straggler-fraction=0.25 "
+          "straggler-slowdown-min=5.0 straggler-slowdown-max=10.0")
 METHODS = {
     "sync": "strategy='fedavg' fraction-train=0.1",
     "over-selection": "strategy='fedavg' fraction-train=0.13 over-selection-keep=10",
