@@ -6,6 +6,8 @@ Each run writes into its own folder:
                     that results.json's run_config names, task.build_model, loads it)
   model_best.pt     the state_dict with the best test accuracy so far
   accuracy.png      test accuracy per round/epoch
+  timeline.png      with jobs on a clock (heterogeneous devices, FedBuff): who trained
+                    when, and which updates were used, stale, late or failed
 results.json is rewritten after every entry, so an interrupted run keeps its history.
 """
 
@@ -25,8 +27,12 @@ RESULTS_FILE = "results.json"
 FINAL_MODEL_FILE = "model_final.pt"
 BEST_MODEL_FILE = "model_best.pt"
 PLOT_FILE = "accuracy.png"
-# Comparison plots count training samples in CIFAR-10 epochs.
-SAMPLES_PER_EPOCH = 50_000
+TIMELINE_FILE = "timeline.png"
+# How a job ended (results.json 'jobs'), and its colour on the timeline; "used, stale":
+# a FedBuff update used with staleness > 0 (so weighted down).
+JOB_COLOURS = {"used": "tab:blue", "used, stale": "lightskyblue", "stale": "tab:orange",
+               "late": "tab:orange", "rejected": "tab:purple", "failed": "tab:red",
+               "offline": "tab:red", "unavailable": "tab:gray"}
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -105,6 +111,8 @@ class RunRecorder:
                          lambda tmp: torch.save(final_state_dict, tmp))
         self.write()
         plot_accuracy([self.summary()], self.run_dir / PLOT_FILE)
+        if any(entry.get("jobs") for entry in self.entries):
+            plot_timeline(self.summary(), self.run_dir / TIMELINE_FILE)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -152,6 +160,49 @@ def plot_accuracy(runs: list[dict[str, Any]], path: Path, labels: list[str] | No
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def plot_timeline(run: dict[str, Any], path: Path) -> None:
+    """Each job of a run on its clock: a bar per job from sent to arrived, in the row of
+    its client, coloured by how it ended; a dotted line where each round or step ended."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    jobs = [job for entry in run["entries"] for job in entry.get("jobs", ())]
+    kind = {id(job): "used, stale" if job["outcome"] == "used" and job.get("staleness")
+            else job["outcome"] for job in jobs}
+    clients = sorted({job["client"] for job in jobs})
+    row = {client: i for i, client in enumerate(clients)}
+    fig, ax = plt.subplots(figsize=(9, max(3.0, min(12.0, 0.12 * len(clients) + 1.5))))
+    for outcome, colour in JOB_COLOURS.items():
+        ended = [job for job in jobs if kind[id(job)] == outcome]
+        if not ended:
+            continue
+        ax.barh([row[job["client"]] for job in ended],
+                [max(job["arrived"] - job["sent"], 0.0) for job in ended],
+                left=[job["sent"] for job in ended], height=0.7, color=colour,
+                edgecolor="white", linewidth=0.5, label=f"{outcome} ({len(ended)})")
+        ax.scatter([job["arrived"] for job in ended], [row[job["client"]] for job in ended],
+                   s=6, color=colour, zorder=3)
+    simulated = any("simulated_seconds" in entry for entry in run["entries"])
+    clock = "simulated_seconds" if simulated else "elapsed_s"
+    for entry in run["entries"]:
+        if entry.get("jobs") and clock in entry:
+            ax.axvline(entry[clock], color="black", linewidth=0.4, linestyle=":")
+    ax.set_yticks(range(len(clients)), [str(c) for c in clients],
+                  fontsize=6 if len(clients) > 30 else 8)
+    ax.set_ylabel("client (partition id)")
+    ax.set_xlabel("simulated seconds" if simulated else "seconds since the ServerApp started")
+    strategy = run["run_config"].get("strategy", "")
+    ax.set_title(f"{strategy}: jobs per client; dotted: "
+                 f"{'server steps' if strategy == 'fedbuff' else run['unit'] + 's'}",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

@@ -37,3 +37,24 @@ def test_a_completed_write_replaces_the_file(tmp_path: Path) -> None:
     atomic_write(target, lambda tmp: tmp.write_text("new"))
     assert target.read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_a_run_with_jobs_on_a_clock_draws_its_timeline(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    from fedcifar_app.results import TIMELINE_FILE, RunRecorder
+
+    recorder = RunRecorder(tmp_path, kind="federated", unit="round",
+                           run_config={"strategy": "fedbuff"})
+    recorder.record(1, simulated_seconds=3.0, jobs=[
+        {"client": 0, "sent": 0.0, "arrived": 3.0, "outcome": "used"},
+        {"client": 4, "sent": 0.0, "arrived": 2.0, "outcome": "failed"}])
+    recorder.record(2, simulated_seconds=12.0, jobs=[
+        {"client": 1, "sent": 0.0, "arrived": 12.0, "outcome": "stale"}])
+    recorder.finish(None)
+    picture = matplotlib.image.imread(tmp_path / TIMELINE_FILE)
+    assert picture.shape[0] > 200 and picture.shape[1] > 500
+    plain = RunRecorder(tmp_path / "plain", kind="federated", unit="round", run_config={})
+    plain.record(1, test_accuracy=0.5)
+    plain.finish(None)
+    assert not (tmp_path / "plain" / TIMELINE_FILE).exists()

@@ -35,8 +35,8 @@ class WallClock:
 
     simulated = False
 
-    def __init__(self) -> None:
-        self.started = time.monotonic()
+    def __init__(self, started: float | None = None) -> None:
+        self.started = time.monotonic() if started is None else started
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -48,6 +48,7 @@ class WallClock:
         return list(node_ids)
 
 
-def clock_of(grid: Grid) -> Clock:
-    """The clock ``grid`` keeps, or the wall clock."""
-    return grid if isinstance(grid, Clock) else WallClock()
+def clock_of(grid: Grid, started: float | None = None) -> Clock:
+    """The clock ``grid`` keeps, or the wall clock from ``started`` (time.monotonic();
+    default: now)."""
+    return grid if isinstance(grid, Clock) else WallClock(started)

@@ -65,7 +65,8 @@ class FedBuff:
         self.config = config
         self.strategy = strategy
         self.evaluate_fn = evaluate_fn
-        self.clock = clock_of(grid)
+        # On the wall clock, jobs are timed as results.json's elapsed_s is.
+        self.clock = clock_of(grid, strategy.recorder.started)
         self.rng = random.Random(f"{config.seed}:fedbuff:{strategy.round_offset}")
         self.buffer = UpdateBuffer(config.fedbuff_staleness)
         self.version = strategy.round_offset
