@@ -9,13 +9,16 @@ client-side evaluation), a quarter of them stragglers computing 5-10x slower
 around 2 ms per sample, a phone-class device, and 20 Mbit/s, so that a round's compute,
 2 s for 2 epochs of 500 images, outweighs the 0.2 s the model takes down and up, and a
 straggler's round is 5-10x longer), split IID or Dirichlet(0.5) over labels.
-Every method aggregates 10 updates at a time, AGGREGATIONS times (so each uses the same
-number of updates):
+Every method aggregates 10 updates at a time:
 
-* ``sync``: FedAvg, 10 clients per round, each round waiting for all 10;
-* ``over-selection``: 13 clients sampled, the first 10 updates to arrive kept;
+* ``sync``: FedAvg, 10 clients per round, each round waiting for all 10; 150 rounds;
+* ``over-selection``: 13 clients sampled, the first 10 updates to arrive kept; 300
+  rounds;
 * ``fedbuff``: 20 clients training at once, a server step every 10 updates
-  (staleness weight 1/sqrt(1 + tau), server learning rate 1).
+  (staleness weight 1/sqrt(1 + tau), server learning rate 1); 300 steps.
+
+The synchronous rounds wait for stragglers, so 150 of them take more simulated time
+than 300 aggregations of either of the others (which reach 60 % after more than 150).
 
 Per (method, split, seed) one run, appended to heterogeneity.json under --out as it
 finishes; a run cut off resumes from its last round or step (``resume-from``), so the
@@ -36,16 +39,17 @@ from pathlib import Path
 from common import (add_data_arguments, data_config, load, machine, run_resumable, save,
                     superlink_of_this_checkout)
 
-AGGREGATIONS = 150
 CLIENTS = 100
-COMMON = (f"num-server-rounds={AGGREGATIONS} local-epochs=2 fraction-evaluate=0.0 "
+COMMON = ("local-epochs=2 fraction-evaluate=0.0 "
           f"validation-fraction=0.0 min-available-nodes={CLIENTS} devices='drawn' "
           "device-seconds-per-sample=0.002 straggler-fraction=0.25 "
           "straggler-slowdown-min=5.0 straggler-slowdown-max=10.0")
 METHODS = {
-    "sync": "strategy='fedavg' fraction-train=0.1",
-    "over-selection": "strategy='fedavg' fraction-train=0.13 over-selection-keep=10",
-    "fedbuff": "strategy='fedbuff' fedbuff-concurrency=20 fedbuff-buffer-size=10",
+    "sync": "strategy='fedavg' fraction-train=0.1 num-server-rounds=150",
+    "over-selection": ("strategy='fedavg' fraction-train=0.13 over-selection-keep=10 "
+                       "num-server-rounds=300"),
+    "fedbuff": ("strategy='fedbuff' fedbuff-concurrency=20 fedbuff-buffer-size=10 "
+                "num-server-rounds=300"),
 }
 SPLITS = {"iid": "partitioner='iid'",
           "dirichlet": "partitioner='dirichlet' dirichlet-alpha=0.5"}

@@ -233,7 +233,8 @@ def test_a_run_whose_jobs_all_fail_stops_with_the_first_failure(tmp_path: Path,
     with pytest.raises(RunFailedError, match="the last 10 jobs gave no usable update.*"
                                              "the ClientApp raised"):
         server.run(arrays(0.0), num_steps=2)
-    assert len(federation.trained) == 10
+    # Jobs in flight when the tenth failed may have been trained too (2 at once).
+    assert 10 <= len(federation.trained) <= 12
 
 
 def test_each_step_is_a_checkpoint_a_resumed_run_continues(tmp_path: Path,

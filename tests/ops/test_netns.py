@@ -1,11 +1,13 @@
 """A multi-host federation on one machine (fedcifar_app/ops/netns.py): docs/deployment.md's by-hand
 commands in network namespaces, with a slow uplink, a lossy link, a link cut while
-its node trains and a node SIGKILLed mid-round. Needs root and `ip netns`; skipped,
+its node trains, a node SIGKILLed mid-round, and FedBuff against a synchronous round
+with a throttled node and a paused one. Needs root and `ip netns`; skipped,
 saying why, where that is not permitted."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -15,7 +17,7 @@ import pytest
 
 from fedcifar_app.ops import netns
 from fedcifar_app.ops.federation import split_node_data
-from fedcifar_app.ops.local_simulation import stop_process_tree
+from fedcifar_app.ops.local_simulation import descendants, stop_process_tree
 from fedcifar_app.results import load_results
 
 # Minutes, not seconds (network namespaces and a deployment): `pytest -m "not slow"` skips it.
@@ -157,3 +159,71 @@ def test_only_supernodes_get_in_through_the_readmes_proxy(
     results = load_results(run_dir)
     assert results["status"] == "completed", output[-3000:]
     assert [e["train_replies"] for e in results["entries"][1:]] == [3, 3]
+
+
+def signal_tree(pid: int, signum: int) -> None:
+    """Send ``signum`` to ``pid`` and every process under it."""
+    for process in (pid, *descendants(pid)):
+        try:
+            os.kill(process, signum)
+        except ProcessLookupError:
+            pass
+
+
+def test_fedbuff_does_not_wait_for_a_throttled_node_or_a_paused_one(
+        network: netns.Network, tiny_dataset: Path, tmp_path: Path) -> None:
+    """The same deployment, node 0's uplink at 128 kbit/s (the model's way up takes ~16 s)
+    and node 1 SIGSTOPped while it trains: FedBuff steps on node 2's updates meanwhile and
+    takes node 0's when it comes, stale; a synchronous round waits for both."""
+    folders = split_node_data(tiny_dataset, tmp_path / "data", 3, seed=42)
+    federation = netns.Federation(network, tmp_path / "hosts", folders)
+    federation.start()
+    network.limit_uplink("node0", rate="128kbit")
+    netns.wait_for(lambda: federation.online_nodes() == 3, 120, "3 SuperNodes online")
+    common = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
+              "fraction-evaluate=0.0 min-available-nodes=3 local-epochs=1 round-timeout=120.0")
+    paused = federation.supernode_pids[1]
+    try:
+        fedbuff_out = tmp_path / "fedbuff"
+        run = federation.run(f"{common} output-dir='{fedbuff_out}' strategy='fedbuff' "
+                             "fedbuff-concurrency=3 fedbuff-buffer-size=1 num-server-rounds=5")
+        netns.wait_for(lambda: training_on(network, "node1"), 120, "node 1 to train")
+        signal_tree(paused, signal.SIGSTOP)
+        started = time.monotonic()
+        output, _ = run.communicate(timeout=300)
+        fedbuff_s = time.monotonic() - started
+        # The same pause in a synchronous round: node 1 back first, then paused as it trains.
+        signal_tree(paused, signal.SIGCONT)
+        netns.wait_for(lambda: federation.online_nodes() == 3, 120, "node 1 back online")
+        sync_out = tmp_path / "sync"
+        run = federation.run(f"{common} output-dir='{sync_out}' num-server-rounds=1 "
+                             "fraction-train=1.0 round-retries=0")
+        netns.wait_for(lambda: len(entries(sync_out)) >= 1, 120, "the sync run to start")
+        netns.wait_for(lambda: training_on(network, "node1"), 120, "node 1 to train")
+        signal_tree(paused, signal.SIGSTOP)
+        started = time.monotonic()
+        sync_output, _ = run.communicate(timeout=300)
+        sync_s = time.monotonic() - started
+    finally:
+        signal_tree(paused, signal.SIGCONT)
+        run.kill()
+    print(f"FedBuff, 5 steps: {fedbuff_s:.0f} s; one synchronous round: {sync_s:.0f} s")
+    (fedbuff_dir,) = fedbuff_out.glob("flwr-run-*")
+    results = load_results(fedbuff_dir)
+    assert results["status"] == "completed", output[-3000:]
+    jobs = [job for entry in results["entries"] for job in entry.get("jobs", ())]
+    used = [job for job in jobs if job["outcome"] == "used"]
+    assert len(used) == 5
+    # The throttled node's update came last, stale, after the free node's had stepped.
+    stale = [job for job in used if job["staleness"] > 0]
+    assert stale and stale[0]["client"] != used[0]["client"]
+    assert sum(job["client"] == used[0]["client"] for job in used[:used.index(stale[0])]) >= 2
+    # The paused node's job never came back, and no step waited for it.
+    clients = {job["client"] for job in used}
+    assert len(clients) == 2
+    (sync_dir,) = sync_out.glob("flwr-run-*")
+    sync = load_results(sync_dir)
+    assert sync["status"] == "completed", sync_output[-3000:]
+    ((paused_node, why),) = sync["entries"][1]["train_failed_nodes"]
+    assert paused_node not in clients and why in ("timed out", "disconnected")
+    assert sync["entries"][1]["train_replies"] == 2

@@ -9,9 +9,11 @@ staleness (see buffer); every ``fedbuff-buffer-size`` buffered updates the serve
 steps, writes the checkpoint and results.json, and tests the model every
 ``evaluate-every`` steps; freed clients get fresh work at once.
 
-It runs on the Grid's clock (strategies.clock): in a deployment the wall clock; in a
-simulation with ``devices`` the simulated clock, whose Grid hands back replies in the
-order of their simulated arrival, so that the run is the same for the same seed.
+It runs on the Grid's clock (strategies.clock): in a deployment the wall clock, replies
+pulled in the background as they come (``BackgroundPulls``: one slow upload holds up
+no other reply); in a simulation with ``devices`` the simulated clock, whose Grid hands
+back replies in the order of their simulated arrival, so that the run is the same for
+the same seed.
 
 Failures: a job that fails (error reply, node gone, no reply within ``round-timeout``
 real seconds) is counted and its slot goes to another client. A timed-out node gets
@@ -38,7 +40,7 @@ from flwr.serverapp import Grid
 
 from fedcifar_app.config import RunConfig
 from fedcifar_app.extensions.fedbuff.buffer import UpdateBuffer
-from fedcifar_app.strategies.clock import clock_of
+from fedcifar_app.strategies.clock import BackgroundPulls, clock_of
 from fedcifar_app.strategies.safeguards import RunFailedError, Safeguarded
 
 POLL_SECONDS = 0.02  # between pulls when nothing arrived
@@ -61,12 +63,12 @@ class FedBuff:
 
     def __init__(self, grid: Grid, config: RunConfig, strategy: Safeguarded,
                  evaluate_fn: Callable[[int, ArrayRecord], Any]) -> None:
-        self.grid = grid
         self.config = config
         self.strategy = strategy
         self.evaluate_fn = evaluate_fn
         # On the wall clock, jobs are timed as results.json's elapsed_s is.
         self.clock = clock_of(grid, strategy.recorder.started)
+        self.grid = grid if self.clock.simulated else BackgroundPulls(grid)
         self.rng = random.Random(f"{config.seed}:fedbuff:{strategy.round_offset}")
         self.buffer = UpdateBuffer(config.fedbuff_staleness)
         self.version = strategy.round_offset
@@ -81,6 +83,13 @@ class FedBuff:
 
     def run(self, initial_arrays: ArrayRecord, num_steps: int) -> ArrayRecord:
         """Step the server ``num_steps`` times; return the final global model."""
+        try:
+            return self._run(initial_arrays, num_steps)
+        finally:
+            if isinstance(self.grid, BackgroundPulls):
+                self.grid.close()
+
+    def _run(self, initial_arrays: ArrayRecord, num_steps: int) -> ArrayRecord:
         self.models[self.version] = initial_arrays
         self.evaluate_fn(0, initial_arrays)
         last = self.version + num_steps
@@ -187,6 +196,8 @@ class FedBuff:
                  "arrived": round(self.clock.now(), 3), "outcome": outcome}
         if staleness is not None:
             entry["staleness"] = staleness
+        if why:
+            entry["why"] = why
         self.concluded.append(entry)
         if outcome == "used":
             self.unusable_in_a_row = 0
