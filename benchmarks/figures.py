@@ -5,7 +5,11 @@
 Draws whatever results exist: speed.png (samples/s against the compute limit),
 scale.png (seconds per round and peak RSS against clients), niid_bench.png (test
 accuracy per round of each NIID-Bench row, mean and spread over its seeds),
-robustness.png (final accuracy of each attack against each defence) and, given
+robustness.png (final accuracy of each attack against each defence),
+heterogeneity.png (test accuracy against simulated seconds and against client updates
+of sync FedAvg, over-selection and FedBuff, mean and spread over seeds),
+heterogeneity_timeline.png (the first simulated minute of sync FedAvg and FedBuff,
+seed 42, IID: who trained when) and, given
 --centralized and --federated run folders, centralized_vs_federated.png (test
 accuracy per epoch of data).
 """
@@ -25,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import ROOT, finished_seeds, load  # noqa: E402
 
 from fedcifar_app.compare import describe  # noqa: E402
-from fedcifar_app.results import load_results, plot_accuracy  # noqa: E402
+from fedcifar_app.results import draw_timeline, load_results, plot_accuracy  # noqa: E402
 
 
 def speed_figure(report: dict, path: Path) -> None:
@@ -182,6 +186,57 @@ def privacy_figure(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def heterogeneity_figure(report: dict, path: Path) -> None:
+    """Per split (rows): test accuracy against simulated seconds and against client
+    updates, a line per method (mean over seeds, shaded: ± std)."""
+    splits = list(dict.fromkeys(run["split"] for run in report["runs"].values()))
+    fig, axes = plt.subplots(len(splits), 2, figsize=(11, 4 * len(splits)), squeeze=False)
+    for row, split in enumerate(splits):
+        methods = list(dict.fromkeys(r["method"] for r in report["runs"].values()
+                                     if r["split"] == split))
+        for method in methods:
+            curves = [r["curve"] for r in report["runs"].values()
+                      if (r["split"], r["method"], r["status"]) == (split, method, "completed")]
+            if not curves:
+                continue
+            accuracy, spread = seed_spread([[100 * p["accuracy"] for p in c] for c in curves])
+            seconds, _ = seed_spread([[p["simulated_s"] for p in c] for c in curves])
+            updates, _ = seed_spread([[p["updates"] for p in c] for c in curves])
+            label = f"{method} ({seeds_label(len(curves))})"
+            for ax, xs in ((axes[row][0], seconds), (axes[row][1], updates)):
+                ax.plot(xs, accuracy, label=label, linewidth=1.2)
+                ax.fill_between(xs, accuracy - spread, accuracy + spread, alpha=0.2)
+        for ax, unit in zip(axes[row], ("simulated seconds", "client updates aggregated"),
+                            strict=True):
+            ax.set_xlabel(unit)
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_ylim(30, 65)
+            ax.axhline(60, color="grey", linewidth=0.5, linestyle="--")
+            ax.set_title(f"{split}: 100 clients, a quarter 5-10x slower", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
+        axes[row][0].set_xscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+TIMELINE_SECONDS = 60.0
+
+
+def heterogeneity_timeline(report: dict, path: Path) -> None:
+    """The first simulated minute of sync FedAvg and of FedBuff (seed 42, IID)."""
+    runs = [report["runs"].get(f"iid-{method}-42") for method in ("sync", "fedbuff")]
+    if not all(runs):
+        return
+    fig, axes = plt.subplots(2, 1, figsize=(10, 12), sharex=True)
+    for ax, run in zip(axes, runs, strict=True):
+        draw_timeline(ax, load_results(Path(run["run_dir"])), until=TIMELINE_SECONDS)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -195,11 +250,15 @@ def main() -> None:
     drawn = []
     for name, draw in (("speed", speed_figure), ("scale", scale_figure),
                        ("niid_bench", niid_figure), ("robustness", robustness_figure),
-                       ("privacy", privacy_figure)):
+                       ("privacy", privacy_figure), ("heterogeneity", heterogeneity_figure)):
         report = load(args.results / f"{name}.json")
         if report:
             draw(report, args.out / f"{name}.png")
             drawn.append(f"{name}.png")
+    heterogeneity = load(args.results / "heterogeneity.json")
+    if heterogeneity:
+        heterogeneity_timeline(heterogeneity, args.out / "heterogeneity_timeline.png")
+        drawn.append("heterogeneity_timeline.png")
     runs = [load_results(path) for path in [*args.centralized, *args.federated]]
     if runs:
         plot_accuracy(runs, args.out / "centralized_vs_federated.png",

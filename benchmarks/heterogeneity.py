@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 from common import (add_data_arguments, data_config, load, machine, run_resumable, save,
                     superlink_of_this_checkout)

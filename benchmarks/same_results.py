@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, add_data_arguments, data_config, flwr_run,  # noqa: E402
+from common import (add_data_arguments, data_config, flwr_run,  # noqa: E402
                     superlink_of_this_checkout)
 
 SHORT = "num-server-rounds=3 local-epochs=1 seed=42"

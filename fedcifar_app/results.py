@@ -33,6 +33,8 @@ TIMELINE_FILE = "timeline.png"
 JOB_COLOURS = {"used": "tab:blue", "used, stale": "lightskyblue", "stale": "tab:orange",
                "late": "tab:orange", "rejected": "tab:purple", "failed": "tab:red",
                "offline": "tab:red", "unavailable": "tab:gray"}
+# Comparison plots count training samples in CIFAR-10 epochs.
+SAMPLES_PER_EPOCH = 50_000
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -166,19 +168,30 @@ def plot_accuracy(runs: list[dict[str, Any]], path: Path, labels: list[str] | No
 
 
 def plot_timeline(run: dict[str, Any], path: Path) -> None:
-    """Each job of a run on its clock: a bar per job from sent to arrived, in the row of
-    its client, coloured by how it ended; a dotted line where each round or step ended."""
+    """Each job of a run on its clock (see ``draw_timeline``), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    jobs = [job for entry in run["entries"] for job in entry.get("jobs", ())]
+    clients = {job["client"] for entry in run["entries"] for job in entry.get("jobs", ())}
+    fig, ax = plt.subplots(figsize=(9, max(3.0, min(12.0, 0.12 * len(clients) + 1.5))))
+    draw_timeline(ax, run)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def draw_timeline(ax: Any, run: dict[str, Any], until: float | None = None) -> None:
+    """A bar per job from sent to arrived, in the row of its client, coloured by how it
+    ended; a dotted line where each round or server step ended. ``until``: only the
+    jobs sent before that many clock seconds."""
+    jobs = [job for entry in run["entries"] for job in entry.get("jobs", ())
+            if until is None or job["sent"] < until]
     kind = {id(job): "used, stale" if job["outcome"] == "used" and job.get("staleness")
             else job["outcome"] for job in jobs}
     clients = sorted({job["client"] for job in jobs})
     row = {client: i for i, client in enumerate(clients)}
-    fig, ax = plt.subplots(figsize=(9, max(3.0, min(12.0, 0.12 * len(clients) + 1.5))))
     for outcome, colour in JOB_COLOURS.items():
         ended = [job for job in jobs if kind[id(job)] == outcome]
         if not ended:
@@ -192,8 +205,10 @@ def plot_timeline(run: dict[str, Any], path: Path) -> None:
     simulated = any("simulated_seconds" in entry for entry in run["entries"])
     clock = "simulated_seconds" if simulated else "elapsed_s"
     for entry in run["entries"]:
-        if entry.get("jobs") and clock in entry:
+        if entry.get("jobs") and clock in entry and (until is None or entry[clock] <= until):
             ax.axvline(entry[clock], color="black", linewidth=0.4, linestyle=":")
+    if until is not None:
+        ax.set_xlim(0, until)
     ax.set_yticks(range(len(clients)), [str(c) for c in clients],
                   fontsize=6 if len(clients) > 30 else 8)
     ax.set_ylabel("client (partition id)")
@@ -203,6 +218,3 @@ def plot_timeline(run: dict[str, Any], path: Path) -> None:
                  f"{'server steps' if strategy == 'fedbuff' else run['unit'] + 's'}",
                  fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)

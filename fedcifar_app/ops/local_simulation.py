@@ -207,6 +207,16 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def signal_process_tree(pid: int, signum: signal.Signals) -> None:
+    """Send ``signum`` to ``pid`` and every process below it (SIGSTOP: pause a node
+    with its ClientApp; SIGCONT: resume it)."""
+    for member in (pid, *descendants(pid)):
+        try:
+            os.kill(member, signum)
+        except ProcessLookupError:
+            pass
+
+
 def stop_process_tree(pid: int, timeout: float = 10.0,
                       first_signal: signal.Signals = signal.SIGTERM) -> None:
     """Send ``first_signal`` to ``pid`` and its descendants, SIGKILL whatever outlives

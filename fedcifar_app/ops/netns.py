@@ -223,6 +223,18 @@ class Network:
             raise RuntimeError(f"on {host}: `{script}` failed:\n{done.stdout}{done.stderr}")
         return done
 
+    def training_on(self, host: str) -> bool:
+        """Whether a ClientApp process runs in ``host``'s namespace."""
+        pids = subprocess.run(["ip", "netns", "pids", self.namespace(host)],
+                              capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return True
+            except OSError:
+                continue
+        return False
+
     def limit_uplink(self, host: str, rate: str = "2mbit") -> None:
         """A token bucket on the host's outgoing traffic: a slow uplink."""
         subprocess.run(self.command(host, ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf",

@@ -7,7 +7,6 @@ saying why, where that is not permitted."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -17,7 +16,7 @@ import pytest
 
 from fedcifar_app.ops import netns
 from fedcifar_app.ops.federation import split_node_data
-from fedcifar_app.ops.local_simulation import descendants, stop_process_tree
+from fedcifar_app.ops.local_simulation import signal_process_tree, stop_process_tree
 from fedcifar_app.results import load_results
 
 # Minutes, not seconds (network namespaces and a deployment): `pytest -m "not slow"` skips it.
@@ -48,19 +47,6 @@ def network() -> netns.Network:
     assert not any(Path("/etc/netns", built.namespace(host)).exists() for host in built.hosts)
 
 
-def training_on(network: netns.Network, host: str) -> bool:
-    """Whether a ClientApp process runs in ``host``'s namespace."""
-    pids = subprocess.run(["ip", "netns", "pids", network.namespace(host)],
-                          capture_output=True, text=True).stdout.split()
-    for pid in pids:
-        try:
-            if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return True
-        except OSError:
-            continue
-    return False
-
-
 def entries(out: Path) -> list[dict]:
     written = list(out.glob("flwr-run-*/results.json"))
     return load_results(written[0].parent)["entries"] if written else []
@@ -85,12 +71,12 @@ def test_a_cut_link_and_a_sigkill_mid_round_do_not_stop_the_run(
         # Round 0's evaluation is written once every node has said which partition it
         # holds (a ClientApp per node): a ClientApp after that trains.
         netns.wait_for(lambda: len(entries(out)) >= 1, 120, "the run to start")
-        netns.wait_for(lambda: training_on(network, "node2"), 120, "node 2 to train")
+        netns.wait_for(lambda: network.training_on("node2"), 120, "node 2 to train")
         network.cut("node2")  # mid-training, no goodbye
         netns.wait_for(lambda: len(entries(out)) >= 2 and "train_nodes" in entries(out)[1],
                        120, "round 1 to complete without node 2")
         network.restore("node2")
-        netns.wait_for(lambda: training_on(network, "node1"), 120, "node 1 to train again")
+        netns.wait_for(lambda: network.training_on("node1"), 120, "node 1 to train again")
         stop_process_tree(federation.supernode_pids[1], first_signal=signal.SIGKILL)
         output, _ = run.communicate(timeout=300)
     finally:
@@ -161,15 +147,6 @@ def test_only_supernodes_get_in_through_the_readmes_proxy(
     assert [e["train_replies"] for e in results["entries"][1:]] == [3, 3]
 
 
-def signal_tree(pid: int, signum: int) -> None:
-    """Send ``signum`` to ``pid`` and every process under it."""
-    for process in (pid, *descendants(pid)):
-        try:
-            os.kill(process, signum)
-        except ProcessLookupError:
-            pass
-
-
 def test_fedbuff_does_not_wait_for_a_throttled_node_or_a_paused_one(
         network: netns.Network, tiny_dataset: Path, tmp_path: Path) -> None:
     """The same deployment, node 0's uplink at 128 kbit/s (the model's way up takes ~16 s)
@@ -181,31 +158,34 @@ def test_fedbuff_does_not_wait_for_a_throttled_node_or_a_paused_one(
     network.limit_uplink("node0", rate="128kbit")
     netns.wait_for(lambda: federation.online_nodes() == 3, 120, "3 SuperNodes online")
     common = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
-              "fraction-evaluate=0.0 min-available-nodes=3 local-epochs=1 round-timeout=120.0")
+              "fraction-evaluate=0.0 local-epochs=1")
     paused = federation.supernode_pids[1]
     try:
         fedbuff_out = tmp_path / "fedbuff"
         run = federation.run(f"{common} output-dir='{fedbuff_out}' strategy='fedbuff' "
-                             "fedbuff-concurrency=3 fedbuff-buffer-size=1 num-server-rounds=5")
-        netns.wait_for(lambda: training_on(network, "node1"), 120, "node 1 to train")
-        signal_tree(paused, signal.SIGSTOP)
+                             "fedbuff-concurrency=3 fedbuff-buffer-size=1 num-server-rounds=5 "
+                             "min-available-nodes=3 round-timeout=120.0")
+        netns.wait_for(lambda: network.training_on("node1"), 120, "node 1 to train")
+        signal_process_tree(paused, signal.SIGSTOP)
         started = time.monotonic()
         output, _ = run.communicate(timeout=300)
         fedbuff_s = time.monotonic() - started
         # The same pause in a synchronous round: node 1 back first, then paused as it trains.
-        signal_tree(paused, signal.SIGCONT)
+        signal_process_tree(paused, signal.SIGCONT)
         netns.wait_for(lambda: federation.online_nodes() == 3, 120, "node 1 back online")
         sync_out = tmp_path / "sync"
+        # All 3 sampled; the paused one fails after round-timeout (or once it is seen offline).
         run = federation.run(f"{common} output-dir='{sync_out}' num-server-rounds=1 "
-                             "fraction-train=1.0 round-retries=0")
+                             "fraction-train=1.0 round-retries=0 min-available-nodes=2 "
+                             "round-timeout=30.0")
         netns.wait_for(lambda: len(entries(sync_out)) >= 1, 120, "the sync run to start")
-        netns.wait_for(lambda: training_on(network, "node1"), 120, "node 1 to train")
-        signal_tree(paused, signal.SIGSTOP)
+        netns.wait_for(lambda: network.training_on("node1"), 120, "node 1 to train")
+        signal_process_tree(paused, signal.SIGSTOP)
         started = time.monotonic()
         sync_output, _ = run.communicate(timeout=300)
         sync_s = time.monotonic() - started
     finally:
-        signal_tree(paused, signal.SIGCONT)
+        signal_process_tree(paused, signal.SIGCONT)
         run.kill()
     print(f"FedBuff, 5 steps: {fedbuff_s:.0f} s; one synchronous round: {sync_s:.0f} s")
     (fedbuff_dir,) = fedbuff_out.glob("flwr-run-*")

@@ -1,0 +1,129 @@
+"""Stragglers in a real deployment: synchronous FedAvg against FedBuff, in wall-clock time.
+
+    sudo python benchmarks/heterogeneity_deployment.py --dataset /abs/path/to/cifar10
+        [--nodes 5] [--rate 256kbit] [--pause-seconds 120]
+
+docs/deployment.md's federation in network namespaces (fedcifar_app/ops/netns.py):
+a SuperLink behind the Fleet-only proxy and ``--nodes`` SuperNodes, each holding its own
+IID share of CIFAR-10's training split. Node 0's uplink is throttled with a tc token
+bucket (``--rate``), and node 1 is SIGSTOPped as soon as it trains in each run and
+resumed ``--pause-seconds`` later. On that federation, one after the other:
+
+* ``sync``: FedAvg, every node sampled each round, SYNC_ROUNDS rounds (``round-timeout``
+  60 s: a round waits for the paused node that long, or until it is seen offline);
+* ``fedbuff``: every node training at once, a server step every FEDBUFF_BUFFER updates,
+  as many steps as give the same number of updates as the synchronous rounds at most.
+
+Each run's curve (wall seconds since its ServerApp started, updates so far, test
+accuracy) goes to heterogeneity_deployment.json under --out as it finishes. Needs root
+and the tools fedcifar_app/ops/netns.py lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common import machine, save
+from heterogeneity import curve, reached
+
+from fedcifar_app.ops import netns
+from fedcifar_app.ops.federation import split_node_data
+from fedcifar_app.ops.local_simulation import signal_process_tree
+from fedcifar_app.results import load_results
+
+SYNC_ROUNDS = 6
+FEDBUFF_BUFFER = 3
+COMMON = ("local-epochs=1 fraction-evaluate=0.0 validation-fraction=0.0 "
+          "min-available-nodes=3 round-retries=0 round-timeout=60.0")
+THRESHOLDS = (0.40, 0.45, 0.50)
+
+
+def methods(nodes: int) -> dict[str, str]:
+    steps = SYNC_ROUNDS * nodes // FEDBUFF_BUFFER
+    return {
+        "sync": f"strategy='fedavg' fraction-train=1.0 num-server-rounds={SYNC_ROUNDS}",
+        "fedbuff": (f"strategy='fedbuff' fedbuff-concurrency={nodes} "
+                    f"fedbuff-buffer-size={FEDBUFF_BUFFER} num-server-rounds={steps}"),
+    }
+
+
+def pause_while_training(network: netns.Network, pid: int, seconds: float,
+                         done: threading.Event) -> None:
+    """SIGSTOP node 1's SuperNode once it trains; SIGCONT it ``seconds`` later."""
+    while not done.is_set() and not network.training_on("node1"):
+        time.sleep(0.5)
+    if done.is_set():
+        return
+    signal_process_tree(pid, signal.SIGSTOP)
+    print(f"node 1 paused for {seconds:g} s", flush=True)
+    done.wait(seconds)
+    signal_process_tree(pid, signal.SIGCONT)
+
+
+def run_method(federation: netns.Federation, network: netns.Network, run_config: str,
+               out: Path, pause_seconds: float) -> tuple[Path, float]:
+    started = time.monotonic()
+    run = federation.run(f"{run_config} output-dir='{out}'")
+    done = threading.Event()
+    pauser = threading.Thread(target=pause_while_training, args=(
+        network, federation.supernode_pids[1], pause_seconds, done), daemon=True)
+    pauser.start()
+    try:
+        output, _ = run.communicate(timeout=3600)
+    finally:
+        done.set()
+        pauser.join()
+        run.kill()
+    wall = time.monotonic() - started
+    (run_dir,) = out.glob("flwr-run-*")
+    if load_results(run_dir)["status"] != "completed":
+        raise RuntimeError(f"the run did not complete:\n{output[-3000:]}")
+    return run_dir, wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", type=Path, required=True)
+    parser.add_argument("--nodes", type=int, default=5)
+    parser.add_argument("--rate", default="256kbit", help="node 0's uplink (tc tbf rate)")
+    parser.add_argument("--pause-seconds", type=float, default=120.0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    if not netns.can_run_here():
+        sys.exit(1)
+    data = args.dataset.resolve()
+    out = args.out.resolve()
+    report = {"machine": machine(), "command": " ".join(sys.argv), "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="fedcifar-stragglers-") as tmp, \
+            netns.Network(netns.topology(args.nodes)) as network:
+        folders = split_node_data(data, Path(tmp) / "data", args.nodes, seed=42)
+        federation = netns.Federation(network, Path(tmp) / "hosts", folders)
+        federation.start()
+        network.limit_uplink("node0", rate=args.rate)
+        for method, settings in methods(args.nodes).items():
+            netns.wait_for(lambda: federation.online_nodes() == args.nodes, 300,
+                           "every SuperNode online")
+            run_config = f"dataset='{data}' {COMMON} {settings}"
+            run_dir, wall = run_method(federation, network, run_config,
+                                       out / "heterogeneity_deployment" / method,
+                                       args.pause_seconds)
+            results = load_results(run_dir)
+            points = curve(results)
+            report["runs"][method] = {"run_config": run_config, "wall_s": wall,
+                                      "run_dir": str(run_dir), "curve": points}
+            save(out / "heterogeneity_deployment.json", report)
+            levels = ", ".join(
+                f"{t:.0%} at {p['real_s']:.0f} s" if (p := reached(points, t)) else
+                f"{t:.0%} not reached" for t in THRESHOLDS)
+            print(f"{method}: {wall:.0f} s, {points[-1]['updates']} updates, final "
+                  f"{100 * points[-1]['accuracy']:.2f} %; {levels}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
