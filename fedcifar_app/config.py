@@ -359,6 +359,9 @@ class RunConfig:
             if spec.type == "float" and not math.isfinite(coerced):
                 errors.append(f"'{key}' must be a finite number, got {value!r}")
                 continue
+            if spec.type == "float" and coerced != value:  # an integer past 2**53
+                errors.append(f"'{key}' {value!r} has no exact floating-point value")
+                continue
             check = spec.metadata["check"]
             problem = check(coerced) if check else None
             if problem:

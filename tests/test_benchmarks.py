@@ -228,3 +228,21 @@ def test_secure_aggregation(local_simulation: dict[str, str], tiny_dataset: Path
         assert run_report["status"] == "completed" and run_report["train_replies"] == [3, 3]
         assert run_report["median_round_s"] > 0
     assert "SecAgg+ s/round" in stdout
+
+
+def test_heterogeneity(local_simulation: dict[str, str], tiny_dataset: Path,
+                       tmp_path: Path) -> None:
+    stdout = benchmark("heterogeneity", local_simulation, *data_args(tiny_dataset, tmp_path),
+                       "--clients", "6", "--rounds", "2", "--seeds", "1", "--splits", "iid")
+    report = json.loads((tmp_path / "results" / "heterogeneity.json").read_text())
+    assert set(report["runs"]) == {"iid-sync-1", "iid-over-selection-1", "iid-fedbuff-1"}
+    for measured in report["runs"].values():
+        assert measured["status"] == "completed"
+        assert [p["aggregations"] for p in measured["curve"]] == [0, 1, 2]
+        assert measured["curve"][-1]["simulated_s"] > 0
+        assert 0 <= measured["straggler_share"] <= 1
+    assert "| default | iid | fedbuff | 1 |" in stdout
+    figures = tmp_path / "figures"
+    benchmark("figures", local_simulation, "--results", str(tmp_path / "results"),
+              "--out", str(figures))
+    assert (figures / "heterogeneity.png").read_bytes()[:4] == b"\x89PNG"
