@@ -187,16 +187,17 @@ def privacy_figure(report: dict, path: Path) -> None:
 
 
 def heterogeneity_figure(report: dict, path: Path) -> None:
-    """Per split (rows): test accuracy against simulated seconds and against client
-    updates, a line per method (mean over seeds, shaded: ± std)."""
-    splits = list(dict.fromkeys(run["split"] for run in report["runs"].values()))
-    fig, axes = plt.subplots(len(splits), 2, figsize=(11, 4 * len(splits)), squeeze=False)
-    for row, split in enumerate(splits):
-        methods = list(dict.fromkeys(r["method"] for r in report["runs"].values()
-                                     if r["split"] == split))
+    """Per recipe and split (rows): test accuracy against simulated seconds and against
+    client updates, a line per method (mean over seeds, shaded: ± std)."""
+    runs = [r for r in report["runs"].values() if r["status"] == "completed"]
+    panels = list(dict.fromkeys((r.get("augment", False), r["split"]) for r in runs))
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4 * len(panels)), squeeze=False)
+    for row, (augment, split) in enumerate(panels):
+        methods = list(dict.fromkeys(r["method"] for r in runs))
         for method in methods:
-            curves = [r["curve"] for r in report["runs"].values()
-                      if (r["split"], r["method"], r["status"]) == (split, method, "completed")]
+            curves = [r["curve"] for r in runs
+                      if (r.get("augment", False), r["split"], r["method"])
+                      == (augment, split, method)]
             if not curves:
                 continue
             accuracy, spread = seed_spread([[100 * p["accuracy"] for p in c] for c in curves])
@@ -206,13 +207,15 @@ def heterogeneity_figure(report: dict, path: Path) -> None:
             for ax, xs in ((axes[row][0], seconds), (axes[row][1], updates)):
                 ax.plot(xs, accuracy, label=label, linewidth=1.2)
                 ax.fill_between(xs, accuracy - spread, accuracy + spread, alpha=0.2)
+        recipe = "augmented" if augment else "default recipe"
         for ax, unit in zip(axes[row], ("simulated seconds", "client updates aggregated"),
                             strict=True):
             ax.set_xlabel(unit)
             ax.set_ylabel("test accuracy (%)")
             ax.set_ylim(30, 65)
             ax.axhline(60, color="grey", linewidth=0.5, linestyle="--")
-            ax.set_title(f"{split}: 100 clients, a quarter 5-10x slower", fontsize=10)
+            ax.set_title(f"{split}, {recipe}: 100 clients, a quarter 5-10x slower",
+                         fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, loc="lower right")
         axes[row][0].set_xscale("log")
