@@ -80,6 +80,8 @@ class FedBuff:
         self.first_failure = ""
         self.jobs_sent = sum(len(entry.get("jobs", ())) for entry in strategy.recorder.entries)
         self.next_membership_check = 0.0
+        self.nodes: list[int] = []  # the connected nodes, in partition order ...
+        self.nodes_listed_at = -MEMBERSHIP_SECONDS  # ... as of then (time.monotonic())
 
     def run(self, initial_arrays: ArrayRecord, num_steps: int) -> ArrayRecord:
         """Step the server ``num_steps`` times; return the final global model."""
@@ -122,8 +124,7 @@ class FedBuff:
         if slots <= 0:
             return
         busy = {job.node for job in self.jobs.values()} | set(self.timed_out.values())
-        connected = self.strategy.partitions.ordered_connected(self.grid)
-        free = [node for node in self.clock.available(connected) if node not in busy]
+        free = [node for node in self.clock.available(self.connected()) if node not in busy]
         chosen = self.rng.sample(free, min(slots, len(free)))
         if not chosen:
             return
@@ -137,6 +138,14 @@ class FedBuff:
                 self.record_job(job, "failed", "the SuperLink did not accept the message")
             else:
                 self.jobs[message_id] = job
+
+    def connected(self) -> list[int]:
+        """The connected nodes in partition order, listed at most once a second: with
+        more slots than free nodes, every pass of the loop would otherwise ask."""
+        if time.monotonic() - self.nodes_listed_at >= MEMBERSHIP_SECONDS:
+            self.nodes = self.strategy.partitions.ordered_connected(self.grid)
+            self.nodes_listed_at = time.monotonic()
+        return self.nodes
 
     def instruction(self, node: int) -> Message:
         self.jobs_sent += 1
