@@ -56,10 +56,13 @@ def methods(nodes: int) -> dict[str, str]:
     }
 
 
-def pause_while_training(network: netns.Network, pid: int, seconds: float,
+def pause_while_training(network: netns.Network, out: Path, pid: int, seconds: float,
                          done: threading.Event) -> None:
-    """SIGSTOP node 1's SuperNode once it trains; SIGCONT it ``seconds`` later."""
-    while not done.is_set() and not network.training_on("node1"):
+    """SIGSTOP node 1's SuperNode once it trains (a ClientApp runs after the run's first
+    evaluation: before, it may be answering the server's question about its data);
+    SIGCONT it ``seconds`` later."""
+    while not done.is_set() and not (list(out.glob("flwr-run-*/results.json"))
+                                     and network.training_on("node1")):
         time.sleep(0.5)
     if done.is_set():
         return
@@ -75,7 +78,7 @@ def run_method(federation: netns.Federation, network: netns.Network, run_config:
     run = federation.run(f"{run_config} output-dir='{out}'")
     done = threading.Event()
     pauser = threading.Thread(target=pause_while_training, args=(
-        network, federation.supernode_pids[1], pause_seconds, done), daemon=True)
+        network, out, federation.supernode_pids[1], pause_seconds, done), daemon=True)
     pauser.start()
     try:
         output, _ = run.communicate(timeout=3600)
