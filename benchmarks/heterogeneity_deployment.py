@@ -103,6 +103,9 @@ def main() -> None:
     args = parser.parse_args()
     if not netns.can_run_here():
         sys.exit(1)
+    # A stop (kill, timeout) unwinds the `with` below, which removes every namespace and
+    # process the benchmark made.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     data = args.dataset.resolve()
     out = args.out.resolve()
     report = {"machine": machine(), "command": " ".join(sys.argv), "runs": {}}
