@@ -16,7 +16,7 @@ SuperNodes with their own data folders, and ``flwr run`` on the SuperLink's host
 the workstation is an outsider that can reach port 8000 and nothing else. Node 0's
 uplink is limited with a ``tc`` token bucket and node 1 drops incoming packets at
 random with nftables (``--no-impair`` turns both off). Every namespace, link and
-process it made is removed at the end, also on failure or Ctrl-C. Needs root (or
+process it made is removed at the end, also on failure, Ctrl-C or SIGTERM. Needs root (or
 CAP_NET_ADMIN), ``ip``, ``tc``, ``nft``, ``openssl``, ``ssh-keygen`` and ``nginx``.
 The tests use ``Network`` directly to cut links and kill nodes mid-run.
 """
@@ -379,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not can_run_here():
         return 1
+    # Stopped with SIGTERM (kill, timeout) as with Ctrl-C: the network is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from fedcifar_app.ops.federation import split_node_data
 
     data = args.data.resolve()
