@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -207,3 +208,31 @@ def test_fedbuff_does_not_wait_for_a_throttled_node_or_a_paused_one(
     ((paused_node, why),) = sync["entries"][1]["train_failed_nodes"]
     assert paused_node not in clients and why in ("timed out", "disconnected")
     assert sync["entries"][1]["train_replies"] == 2
+
+
+def test_a_stopped_demo_removes_its_network(tiny_dataset: Path) -> None:
+    """`python -m fedcifar_app.ops.netns` stopped with SIGTERM (kill, a timeout) leaves no
+    namespace and no process behind, as with Ctrl-C."""
+    try:
+        netns.check_available()
+    except netns.NetnsUnavailable as err:
+        pytest.skip(f"no multi-host test here: {err}")
+    demo = subprocess.Popen([sys.executable, "-m", "fedcifar_app.ops.netns", "--data",
+                             str(tiny_dataset), "--nodes", "1", "--rounds", "1"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    tag = f"fc{demo.pid % 100000}-"
+    try:
+        netns.wait_for(lambda: any(netns_name.startswith(tag + "node0") for netns_name in
+                                   subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                  text=True).stdout.split()),
+                       60, "the demo's namespaces")
+        inside = {pid for host in ("superlink", "node0") for pid in subprocess.run(
+            ["ip", "netns", "pids", tag + host], capture_output=True, text=True).stdout.split()}
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=60) != 0
+    finally:
+        stop_process_tree(demo.pid, first_signal=signal.SIGKILL)
+    assert tag not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                     text=True).stdout
+    assert not [pid for pid in inside if Path(f"/proc/{pid}").exists()]
