@@ -44,7 +44,7 @@ from fedcifar_app.strategies.clock import BackgroundPulls, clock_of
 from fedcifar_app.strategies.safeguards import RunFailedError, Safeguarded
 
 POLL_SECONDS = 0.02  # between pulls when nothing arrived
-MEMBERSHIP_SECONDS = 1.0  # between checks that the nodes with jobs are still connected
+MEMBERSHIP_SECONDS = 1.0  # between listings of the connected nodes
 
 
 @dataclass
@@ -79,7 +79,6 @@ class FedBuff:
         self.unusable_in_a_row = 0
         self.first_failure = ""
         self.jobs_sent = sum(len(entry.get("jobs", ())) for entry in strategy.recorder.entries)
-        self.next_membership_check = 0.0
         self.nodes: list[int] = []  # the connected nodes, in partition order ...
         self.nodes_listed_at = -MEMBERSHIP_SECONDS  # ... as of then (time.monotonic())
 
@@ -140,8 +139,8 @@ class FedBuff:
                 self.jobs[message_id] = job
 
     def connected(self) -> list[int]:
-        """The connected nodes in partition order, listed at most once a second: with
-        more slots than free nodes, every pass of the loop would otherwise ask."""
+        """The connected nodes in partition order, listed at most once a second (every
+        pass of the loop needs them: to dispatch, and to fail the jobs of nodes gone)."""
         if time.monotonic() - self.nodes_listed_at >= MEMBERSHIP_SECONDS:
             self.nodes = self.strategy.partitions.ordered_connected(self.grid)
             self.nodes_listed_at = time.monotonic()
@@ -161,7 +160,7 @@ class FedBuff:
     def wait_for_free_nodes(self) -> None:
         """No job is out: too few nodes are connected (wait for them, failing after
         node-wait-timeout), or none can take work now (let time pass)."""
-        if len(list(self.grid.get_node_ids())) < self.config.min_available_nodes:
+        if len(self.connected()) < self.config.min_available_nodes:
             self.strategy.wait_for_nodes(self.grid)
         else:
             self.clock.idle(POLL_SECONDS)
@@ -231,10 +230,7 @@ class FedBuff:
                 self.timed_out[message_id] = job.node
                 self.record_job(job, "failed", f"no reply within {self.config.round_timeout:g}"
                                 " s (round-timeout)")
-        if now < self.next_membership_check:
-            return
-        self.next_membership_check = now + MEMBERSHIP_SECONDS
-        connected = set(self.grid.get_node_ids())
+        connected = set(self.connected())
         for message_id, job in list(self.jobs.items()):
             if job.node not in connected:
                 del self.jobs[message_id]

@@ -157,7 +157,6 @@ class SimulatedClockGrid(WrappedGrid):
                                  late=sorted(client for _, client, _ in late))
         return results
 
-
     # --- Asynchronous: push now, pull in order of simulated arrival ---------------------
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

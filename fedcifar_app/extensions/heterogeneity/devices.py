@@ -70,7 +70,6 @@ class Device:
         ends = [end for start, end in zip(self.active, self.inactive) if start <= offset <= end]
         return at + (max(ends) - offset) if ends else at
 
-
     def next_available(self, at: float) -> float:
         """The first time from ``at`` on when the client is reachable."""
         if self.available(at):
