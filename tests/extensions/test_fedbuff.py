@@ -21,7 +21,7 @@ from fedcifar_app.extensions.heterogeneity.devices import Device
 from fedcifar_app.results import RunRecorder, load_results
 from fedcifar_app.strategies import RunFailedError, load_checkpoint
 from tests.conftest import flwr_run
-from tests.extensions.test_heterogeneity import write_trace
+from tests.extensions.test_heterogeneity import traces_with_a_sleeper
 
 
 def arrays(value: float) -> ArrayRecord:
@@ -300,16 +300,9 @@ def test_the_same_seed_gives_the_same_simulated_fedbuff_run(
 @pytest.mark.slow
 def test_a_fedscale_trace_drives_a_fedbuff_run_and_the_wall_clock_one_runs_too(
         local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: Path):
-    capacity = write_trace(tmp_path / "client_device_capacity", {
-        f"c{i}": {"computation": 10.0 * (i + 1), "communication": 1_000.0} for i in range(3)})
     # The third client sleeps through the first 1,000 s: it is never sent work then.
-    behaviour = write_trace(tmp_path / "client_behave_trace", {
-        "c0": {"active": [0], "inactive": [10_000], "finish_time": 10_000},
-        "c1": {"active": [0], "inactive": [10_000], "finish_time": 10_000},
-        "c2": {"active": [1_000], "inactive": [10_000], "finish_time": 10_000}})
     traced = fedbuff_run(local_simulation, tiny_dataset, tmp_path, "traced",
-                         f"devices='fedscale' device-trace='{capacity}' "
-                         f"behaviour-trace='{behaviour}'")
+                         traces_with_a_sleeper(tmp_path))
     jobs = [job for entry in traced for job in entry["jobs"]]
     assert {job["client"] for job in jobs if job["sent"] < 1_000} <= {0, 1}
     assert all(job["outcome"] == "used" for job in jobs)

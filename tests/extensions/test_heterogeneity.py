@@ -242,19 +242,24 @@ def test_the_same_seed_gives_the_same_simulated_run(local_simulation: dict[str, 
     assert clock[1][1] == pytest.approx(2 * slowest, abs=2e-3)
 
 
-@pytest.mark.slow
-def test_a_fedscale_trace_drives_a_run(local_simulation: dict[str, str], tiny_dataset: Path,
-                                       tmp_path: Path):
-    capacity = write_trace(tmp_path / "client_device_capacity", {
+def traces_with_a_sleeper(directory: Path) -> str:
+    """FedScale traces of 3 clients (10, 20, 30 ms per sample), the third asleep for the
+    first 1,000 s of every 10,000; the run-config settings that read them."""
+    capacity = write_trace(directory / "client_device_capacity", {
         f"c{i}": {"computation": 10.0 * (i + 1), "communication": 1_000.0} for i in range(3)})
-    # The third client is asleep for the first 1,000 s of every 10,000.
-    behaviour = write_trace(tmp_path / "client_behave_trace", {
+    behaviour = write_trace(directory / "client_behave_trace", {
         "c0": {"active": [0], "inactive": [10_000], "finish_time": 10_000},
         "c1": {"active": [0], "inactive": [10_000], "finish_time": 10_000},
         "c2": {"active": [1_000], "inactive": [10_000], "finish_time": 10_000}})
+    return (f"devices='fedscale' device-trace='{capacity}' "
+            f"behaviour-trace='{behaviour}'")
+
+
+@pytest.mark.slow
+def test_a_fedscale_trace_drives_a_run(local_simulation: dict[str, str], tiny_dataset: Path,
+                                       tmp_path: Path):
     entries = clocked_run(local_simulation, tiny_dataset, tmp_path, "traced",
-                          f"devices='fedscale' device-trace='{capacity}' "
-                          f"behaviour-trace='{behaviour}'")
+                          traces_with_a_sleeper(tmp_path))
     assert entries[0]["unavailable"] == [2] and entries[0]["train_failures"] == 1
     assert entries[0]["train_replies"] == 2
     # The slower of the two that trained: 3 x 20 ms x its samples, plus the model twice.
