@@ -1,13 +1,15 @@
 """Stragglers in a real deployment: synchronous FedAvg against FedBuff, in wall-clock time.
 
     sudo python benchmarks/heterogeneity_deployment.py --dataset /abs/path/to/cifar10
-        [--nodes 5] [--rate 256kbit] [--pause-seconds 120]
+        [--nodes 5] [--rate 256kbit] [--weak-cpus 0.25] [--pause-seconds 120]
 
 docs/deployment.md's federation in network namespaces (fedcifar_app/ops/netns.py):
 a SuperLink behind the Fleet-only proxy and ``--nodes`` SuperNodes, each holding its own
-IID share of CIFAR-10's training split. Node 0's uplink is throttled with a tc token
-bucket (``--rate``), and node 1 is SIGSTOPped as soon as it trains in each run and
-resumed ``--pause-seconds`` later. On that federation, one after the other:
+IID share of CIFAR-10's training split. Node 0 is a weak device: its uplink is throttled
+with a tc token bucket (``--rate``) and its SuperNode, with every ClientApp it starts, gets
+``--weak-cpus`` CPUs (a cgroup quota, fedcifar_app/ops/cpu_quota.py); the other nodes share
+the machine's cores. Node 1 is SIGSTOPped as soon as it trains in each run and resumed
+``--pause-seconds`` later. On that federation, one after the other:
 
 * ``sync``: FedAvg, every node sampled each round, SYNC_ROUNDS rounds (a round waits for
   the paused node until it resumes, or is seen offline: ``round-timeout`` is 300 s);
@@ -33,6 +35,7 @@ from common import machine, save
 from heterogeneity import curve, reached
 
 from fedcifar_app.ops import netns
+from fedcifar_app.ops.cpu_quota import CpuQuota
 from fedcifar_app.ops.federation import split_node_data
 from fedcifar_app.ops.local_simulation import signal_process_tree
 from fedcifar_app.results import load_results
@@ -98,6 +101,8 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, required=True)
     parser.add_argument("--nodes", type=int, default=5)
     parser.add_argument("--rate", default="256kbit", help="node 0's uplink (tc tbf rate)")
+    parser.add_argument("--weak-cpus", type=float, default=0.25,
+                        help="node 0's CPU quota (cgroups), in CPUs")
     parser.add_argument("--pause-seconds", type=float, default=120.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -110,11 +115,13 @@ def main() -> None:
     out = args.out.resolve()
     report = {"machine": machine(), "command": " ".join(sys.argv), "runs": {}}
     with tempfile.TemporaryDirectory(prefix="fedcifar-stragglers-") as tmp, \
-            netns.Network(netns.topology(args.nodes)) as network:
+            netns.Network(netns.topology(args.nodes)) as network, \
+            CpuQuota("node0", args.weak_cpus) as weak_device:
         folders = split_node_data(data, Path(tmp) / "data", args.nodes, seed=42)
         federation = netns.Federation(network, Path(tmp) / "hosts", folders)
         federation.start()
         network.limit_uplink("node0", rate=args.rate)
+        weak_device.add(federation.supernode_pids[0])
         for method, settings in methods(args.nodes).items():
             netns.wait_for(lambda: federation.online_nodes() == args.nodes, 300,
                            "every SuperNode online")
