@@ -213,7 +213,10 @@ def test_updates_beyond_max_staleness_are_dropped_as_stale(tmp_path: Path,
 def test_failed_and_rejected_jobs_are_counted_and_their_slots_refilled(
         tmp_path: Path, server_task_identity):
     federation = FakeFederation(nodes=4, failing=frozenset({2}), broken=frozenset({3}))
-    server, recorder, evaluated = fedbuff_over(tmp_path, federation, None)
+    # On the simulated clock, so that each step buffers one update of node 1 and one of
+    # node 4 (on the wall clock node 1 may answer twice first, as it did under load).
+    server, recorder, evaluated = fedbuff_over(tmp_path, federation, [FAST] * 4,
+                                               **{"fedbuff-staleness": "none"})
     server.run(arrays(0.0), num_steps=3)
     steps = steps_of(recorder)
     outcomes = {(client, outcome) for e in steps for client, *_, outcome in jobs_of(e)}
