@@ -9,7 +9,8 @@ robustness.png (final accuracy of each attack against each defence),
 heterogeneity.png (test accuracy against simulated seconds and against client updates
 of sync FedAvg, over-selection and FedBuff, mean and spread over seeds),
 heterogeneity_timeline.png (the first simulated minute of sync FedAvg and FedBuff,
-seed 42, IID: who trained when) and, given
+seed 42, IID: who trained when), heterogeneity_deployment.png (test accuracy against
+wall-clock seconds in the namespace deployment) and, given
 --centralized and --federated run folders, centralized_vs_federated.png (test
 accuracy per epoch of data).
 """
@@ -224,6 +225,24 @@ def heterogeneity_figure(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def heterogeneity_deployment_figure(report: dict, path: Path) -> None:
+    """The namespace deployment: test accuracy against wall-clock seconds, a line per
+    method."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, run in report["runs"].items():
+        curve = run["curve"]
+        ax.plot([p["real_s"] for p in curve], [100 * p["accuracy"] for p in curve],
+                marker="o", markersize=3, label=method)
+    ax.set_xlabel("wall-clock seconds since the ServerApp started")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("5 SuperNodes in namespaces: a weak node, a paused node", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 TIMELINE_SECONDS = 60.0
 
 
@@ -253,7 +272,8 @@ def main() -> None:
     drawn = []
     for name, draw in (("speed", speed_figure), ("scale", scale_figure),
                        ("niid_bench", niid_figure), ("robustness", robustness_figure),
-                       ("privacy", privacy_figure), ("heterogeneity", heterogeneity_figure)):
+                       ("privacy", privacy_figure), ("heterogeneity", heterogeneity_figure),
+                       ("heterogeneity_deployment", heterogeneity_deployment_figure)):
         report = load(args.results / f"{name}.json")
         if report:
             draw(report, args.out / f"{name}.png")

@@ -1,15 +1,19 @@
 """Stragglers in a real deployment: synchronous FedAvg against FedBuff, in wall-clock time.
 
     sudo python benchmarks/heterogeneity_deployment.py --dataset /abs/path/to/cifar10
-        [--nodes 5] [--rate 256kbit] [--weak-cpus 0.25] [--pause-seconds 120]
+        [--nodes 5] [--rate 256kbit] [--node-cpus 0.35] [--weak-cpus 0.15]
+        [--pause-seconds 120]
 
 docs/deployment.md's federation in network namespaces (fedcifar_app/ops/netns.py):
 a SuperLink behind the Fleet-only proxy and ``--nodes`` SuperNodes, each holding its own
-IID share of CIFAR-10's training split. Node 0 is a weak device: its uplink is throttled
-with a tc token bucket (``--rate``) and its SuperNode, with every ClientApp it starts, gets
-``--weak-cpus`` CPUs (a cgroup quota, fedcifar_app/ops/cpu_quota.py); the other nodes share
-the machine's cores. Node 1 is SIGSTOPped as soon as it trains in each run and resumed
-``--pause-seconds`` later. On that federation, one after the other:
+IID share of CIFAR-10's training split. Each SuperNode, with every ClientApp it starts,
+is held to a CPU quota (cgroups, fedcifar_app/ops/cpu_quota.py) so that it computes at a
+speed of its own, as a device on its own would, instead of taking what the others leave
+of the machine's cores: ``--node-cpus`` each, and node 0 is a weak device, with
+``--weak-cpus`` and its uplink throttled with a tc token bucket (``--rate``). Node 1 is
+SIGSTOPped as soon as it trains in each run and resumed ``--pause-seconds`` later. The
+SuperLink and the ServerApp (which tests the model) are not held. On that federation,
+one after the other:
 
 * ``sync``: FedAvg, every node sampled each round, SYNC_ROUNDS rounds (a round waits for
   the paused node until it resumes, or is seen offline: ``round-timeout`` is 300 s);
@@ -24,6 +28,7 @@ and the tools fedcifar_app/ops/netns.py lists.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import tempfile
@@ -101,7 +106,9 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, required=True)
     parser.add_argument("--nodes", type=int, default=5)
     parser.add_argument("--rate", default="256kbit", help="node 0's uplink (tc tbf rate)")
-    parser.add_argument("--weak-cpus", type=float, default=0.25,
+    parser.add_argument("--node-cpus", type=float, default=0.35,
+                        help="every other node's CPU quota (cgroups), in CPUs")
+    parser.add_argument("--weak-cpus", type=float, default=0.15,
                         help="node 0's CPU quota (cgroups), in CPUs")
     parser.add_argument("--pause-seconds", type=float, default=120.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -113,15 +120,20 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     data = args.dataset.resolve()
     out = args.out.resolve()
-    report = {"machine": machine(), "command": " ".join(sys.argv), "runs": {}}
+    report = {"machine": machine(), "command": " ".join(sys.argv),
+              "settings": {"nodes": args.nodes, "rate": args.rate, "node_cpus": args.node_cpus,
+                           "weak_cpus": args.weak_cpus, "pause_seconds": args.pause_seconds},
+              "runs": {}}
     with tempfile.TemporaryDirectory(prefix="fedcifar-stragglers-") as tmp, \
             netns.Network(netns.topology(args.nodes)) as network, \
-            CpuQuota("node0", args.weak_cpus) as weak_device:
+            contextlib.ExitStack() as quotas:
         folders = split_node_data(data, Path(tmp) / "data", args.nodes, seed=42)
         federation = netns.Federation(network, Path(tmp) / "hosts", folders)
         federation.start()
         network.limit_uplink("node0", rate=args.rate)
-        weak_device.add(federation.supernode_pids[0])
+        for node, pid in enumerate(federation.supernode_pids):
+            cpus = args.weak_cpus if node == 0 else args.node_cpus
+            quotas.enter_context(CpuQuota(f"node{node}", cpus)).add(pid)
         for method, settings in methods(args.nodes).items():
             netns.wait_for(lambda: federation.online_nodes() == args.nodes, 300,
                            "every SuperNode online")
