@@ -45,10 +45,9 @@ class CpuQuota:
 
     def __enter__(self) -> CpuQuota:
         quota = round(self.cpus * PERIOD_US)
-        if self.root == CGROUP_V2:
-            (self.root / "cgroup.subtree_control").write_text("+cpu")
         self.group.mkdir()
         if self.root == CGROUP_V2:
+            (self.root / "cgroup.subtree_control").write_text("+cpu")
             (self.group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
         else:
             (self.group / "cpu.cfs_period_us").write_text(str(PERIOD_US))

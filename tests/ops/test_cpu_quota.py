@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ PARENT = ("import subprocess, sys, time; time.sleep(1); "
           "subprocess.run([sys.executable, '-c', 'while True: pass'])")
 
 
-def throttled_periods(group) -> int:  # noqa: ANN001
+def throttled_periods(group: Path) -> int:
     stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
     return int(stat.get("nr_throttled", 0))
 
