@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import ROOT, finished_seeds, load  # noqa: E402
 
 from fedcifar_app.compare import describe  # noqa: E402
-from fedcifar_app.results import draw_timeline, load_results, plot_accuracy  # noqa: E402
+from fedcifar_app.results import draw_timeline, load_results, plot_runs  # noqa: E402
 
 
 def speed_figure(report: dict, path: Path) -> None:
@@ -284,8 +284,8 @@ def main() -> None:
         drawn.append("heterogeneity_timeline.png")
     runs = [load_results(path) for path in [*args.centralized, *args.federated]]
     if runs:
-        plot_accuracy(runs, args.out / "centralized_vs_federated.png",
-                      labels=[describe(run) for run in runs], by_epochs_of_data=True)
+        plot_runs(runs, args.out / "centralized_vs_federated.png",
+                  labels=[describe(run) for run in runs], x_axes=("data",))
         drawn.append("centralized_vs_federated.png")
     print(f"wrote {', '.join(drawn) or 'nothing (no results yet)'} to {args.out}")
 

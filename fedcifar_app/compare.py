@@ -1,9 +1,10 @@
 """Compare runs: ``python -m fedcifar_app.compare RUN [RUN ...] [-o compare.png]``.
 
 Each RUN is a run folder or its results.json, federated or centralized. Prints
-a table (best and final test accuracy, wall time) and plots test accuracy
-against training samples seen, in CIFAR-10 epochs (50,000 samples), so that
-rounds and epochs line up by the amount of data each run trained on.
+a table (best and final test accuracy, wall time) and plots, on one figure, test
+accuracy against training samples seen, in CIFAR-10 epochs (50,000 samples), so that
+rounds and epochs line up by the amount of data each run trained on, and against
+time (simulated seconds for runs on a simulated clock).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedcifar_app.results import load_results, plot_accuracy
+from fedcifar_app.results import load_results, plot_runs
 
 
 def describe(run: dict) -> str:
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         final = accuracies[-1] if accuracies else float("nan")
         print(f"{label:<32} {100 * best:>8.2f}% {100 * final:>8.2f}% "
               f"{run['elapsed_s']:>8.1f}  {path}")
-    plot_accuracy(runs, args.output.resolve(), labels=labels, by_epochs_of_data=True)
+    plot_runs(runs, args.output.resolve(), labels=labels)
     print(f"plot written to {args.output.resolve()}")
     return 0
 

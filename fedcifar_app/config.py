@@ -29,6 +29,7 @@ DP_CLIPPING = ("fixed", "adaptive")
 DP_ACCOUNTANTS = ("pld", "rdp")
 DEVICES = ("none", "drawn", "fedscale")
 STALENESS_WEIGHTINGS = ("inverse-sqrt", "inverse", "none")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 # DP-FedAvg's noise and accounting assume the server releases the plain average.
 DP_STRATEGIES = ("fedavg", "fedprox")
 
@@ -77,6 +78,16 @@ def _between(low: int, high: int) -> Callable[[Any], str | None]:
 
 def _not_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
+
+
+def _trackers_problem(value: str) -> str | None:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown:
+        return f"names {', '.join(unknown)}: the trackers are {', '.join(TRACKERS)}"
+    if len(set(names)) < len(names):
+        return "names a tracker twice"
+    return None
 
 
 def device_problem(value: str) -> str | None:
@@ -338,6 +349,15 @@ class RunConfig:
     cache_dir: str = _setting(
         "~/.cache/fedcifar", "Where decoded images and partition indices are cached.",
         _not_empty)
+    # --- Tracking (fedcifar_app/tracking) ---------------------------------------------
+    tracking: str = _setting(
+        "", "Experiment trackers, comma-separated: " + ", ".join(TRACKERS) + " (run-config "
+        "values are scalars, so a list is a string; empty: none). Needs the 'tracking' "
+        "extra.", _trackers_problem)
+    tracking_uri: str = _setting(
+        "", "MLflow's tracking URI (http://host:port, or sqlite:////absolute/path.db); "
+        "empty: sqlite:///<output-dir>/mlflow.db, one store for every run. TensorBoard and "
+        "W&B always write into the run folder.")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -503,6 +523,14 @@ class RunConfig:
         (docs/configuration.md) and the CLI help."""
         return {f.name.replace("_", "-"): (f.default, f.metadata["doc"])
                 for f in dataclasses.fields(RunConfig)}
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.tracking.split(",") if name.strip())
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.output_root / 'mlflow.db'}"
 
     @property
     def output_root(self) -> Path:

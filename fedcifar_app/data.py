@@ -244,7 +244,8 @@ def _part(flat: dict[str, torch.Tensor], index: int) -> torch.Tensor:
     return flat["rows"][flat["offsets"][index]:flat["offsets"][index + 1]]
 
 
-def _compute_partitions(labels: torch.Tensor, scheme: PartitionScheme) -> dict[str, Any]:
+def _label_partitioner(labels: torch.Tensor, scheme: PartitionScheme) -> Any:
+    """The scheme's flwr-datasets partitioner over a split's labels."""
     import datasets
 
     # Partitioners need only labels; the row column maps results back to the split.
@@ -253,6 +254,11 @@ def _compute_partitions(labels: torch.Tensor, scheme: PartitionScheme) -> dict[s
     # Shuffle first, as FederatedDataset does, so IID shards are not file-order slices.
     partitioner = _make_partitioner(scheme)
     partitioner.dataset = rows.shuffle(seed=scheme.seed)
+    return partitioner
+
+
+def _compute_partitions(labels: torch.Tensor, scheme: PartitionScheme) -> dict[str, Any]:
+    partitioner = _label_partitioner(labels, scheme)
     train_rows, validation_rows = [], []
     for partition_id in range(scheme.num_partitions):
         try:
@@ -291,6 +297,32 @@ def load_partitions(dataset: str, cache_root: Path, scheme: PartitionScheme,
     return [(split.subset(_part(partitions["train"], partition_id)),
              split.subset(_part(partitions["validation"], partition_id)))
             for partition_id in partition_ids]
+
+
+def plot_label_distribution(dataset: str, cache_root: Path, scheme: PartitionScheme,
+                            path: Path) -> bool:
+    """Draw the label counts of the scheme's partitions (flwr-datasets'
+    ``plot_label_distributions``) from this machine's cached training split; False,
+    drawing nothing, where it has none (a deployment's server: the nodes hold the data)."""
+    cache_dir = dataset_cache_dir(dataset, cache_root)
+    if not (cache_dir / "train.pt").exists():
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from flwr_datasets.visualization import plot_label_distributions
+
+    labels = _load_split(dataset, "train", cache_dir).labels
+    figure, _, _ = plot_label_distributions(
+        _label_partitioner(labels, scheme), label_name=LABEL_COLUMN, legend=True,
+        legend_title="label", verbose_labels=False,
+        figsize=(min(14.0, 4 + 0.12 * scheme.num_partitions), 4.2),
+        title=f"labels per partition: {scheme.partitioner}, {scheme.num_partitions} "
+              f"partitions (seed {scheme.seed})")
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return True
 
 
 def load_node_data(data_path: str, cache_root: Path, validation_fraction: float,

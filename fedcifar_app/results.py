@@ -5,10 +5,14 @@ Each run writes into its own folder:
   model_final.pt    torch.save(state_dict) of the final model (on the CPU; the model
                     that results.json's run_config names, task.build_model, loads it)
   model_best.pt     the state_dict with the best test accuracy so far
-  accuracy.png      test accuracy per round/epoch
-  timeline.png      with jobs on a clock (heterogeneous devices, FedBuff): who trained
-                    when, and which updates were used, stale, late or failed
-results.json is rewritten after every entry, so an interrupted run keeps its history.
+  accuracy.png      test accuracy against round/epoch and against time
+  loss.png          test loss (and training loss) against round/epoch and against time
+  timeline.png      federated: who trained when, on the run's clock (wall or simulated),
+                    and which updates were used, stale, late, rejected or failed
+  partitions.png    federated, where the server can read the training split: the label
+                    distribution of the partitions (drawn by the ServerApp)
+results.json is rewritten after every entry, so an interrupted run keeps its history;
+``publish`` hands each finished round's series to the run's trackers (see tracking).
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ RESULTS_FILE = "results.json"
 FINAL_MODEL_FILE = "model_final.pt"
 BEST_MODEL_FILE = "model_best.pt"
 PLOT_FILE = "accuracy.png"
+LOSS_PLOT_FILE = "loss.png"
 TIMELINE_FILE = "timeline.png"
+PARTITIONS_PLOT_FILE = "partitions.png"
 # How a job ended (results.json 'jobs'), and its colour on the timeline; "used, stale":
 # a FedBuff update used with staleness > 0 (so weighted down).
 JOB_COLOURS = {"used": "tab:blue", "used, stale": "lightskyblue", "stale": "tab:orange",
                "late": "tab:orange", "rejected": "tab:purple", "failed": "tab:red",
-               "offline": "tab:red", "unavailable": "tab:gray"}
+               "offline": "tab:red", "timed out": "darkred", "disconnected": "darkred",
+               "unavailable": "tab:gray"}
 # Comparison plots count training samples in CIFAR-10 epochs.
 SAMPLES_PER_EPOCH = 50_000
 
@@ -63,6 +70,10 @@ class RunRecorder:
     started_at: str = field(
         default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     status: str = "running"
+    # tracking.Trackers, or anything with log_metrics(step, metrics) and finish(summary,
+    # run_dir): fed by ``publish`` and ``finish``.
+    tracker: Any = None
+    published: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -80,8 +91,8 @@ class RunRecorder:
         ``save`` False results.json is written by the next call that saves, by
         ``write`` or by ``finish``: a round records several times, and rewriting a long
         run's whole history each time cost a multiplexed round 10 % of its time."""
-        entry = next((e for e in self.entries if e[self.unit] == index), None)
-        if entry is None:
+        entry = self.entry(index)
+        if not entry:
             entry = {self.unit: index}
             self.entries.append(entry)
             self.entries.sort(key=lambda e: e[self.unit])
@@ -96,6 +107,28 @@ class RunRecorder:
         if save:
             self.write()
         return entry
+
+    def entry(self, index: int) -> dict[str, Any]:
+        """The entry of round/epoch ``index`` ({} if there is none yet)."""
+        return next((e for e in self.entries if e[self.unit] == index), {})
+
+    def publish(self, index: int) -> dict[str, Any]:
+        """Round/epoch ``index`` is over: write results.json, and hand the tracker every
+        series value of it, and of earlier entries, not handed over before (with
+        evaluate-in-train, round k's evaluation arrives during round k + 1)."""
+        self.write()
+        if self.tracker is not None:
+            for entry in self.entries:
+                step = entry[self.unit]
+                if step > index:
+                    break
+                sent = self.published.setdefault(step, {})
+                fresh = {name: value for name, value in scalar_series(entry, self.unit).items()
+                         if sent.get(name) != value}
+                if fresh:
+                    sent.update(fresh)
+                    self.tracker.log_metrics(step, fresh)
+        return self.entry(index)
 
     def restore(self, entries: list[dict[str, Any]]) -> None:
         """Start from an earlier run's entries (resume); its best model stays there."""
@@ -112,9 +145,13 @@ class RunRecorder:
             atomic_write(self.run_dir / FINAL_MODEL_FILE,
                          lambda tmp: torch.save(final_state_dict, tmp))
         self.write()
-        plot_accuracy([self.summary()], self.run_dir / PLOT_FILE)
+        summary = self.summary()
+        plot_series(summary, "test_accuracy", self.run_dir / PLOT_FILE)
+        plot_series(summary, "test_loss", self.run_dir / LOSS_PLOT_FILE)
         if any(entry.get("jobs") for entry in self.entries):
-            plot_timeline(self.summary(), self.run_dir / TIMELINE_FILE)
+            plot_timeline(summary, self.run_dir / TIMELINE_FILE)
+        if self.tracker is not None:
+            self.tracker.finish(summary, self.run_dir)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -135,36 +172,113 @@ class RunRecorder:
         atomic_write(self.run_dir / RESULTS_FILE, lambda tmp: tmp.write_text(text))
 
 
+def scalar_series(entry: dict[str, Any], unit: str) -> dict[str, float]:
+    """The numbers of an entry, as series names: top-level ones by key, those of nested
+    metric dicts (train, evaluate) as 'key/name'; lists and flags left out."""
+    series: dict[str, float] = {}
+    for key, value in entry.items():
+        if key == unit:
+            continue
+        if isinstance(value, dict):
+            series.update({f"{key}/{name}": float(number) for name, number in value.items()
+                           if _is_number(number)})
+        elif _is_number(value):
+            series[key] = float(value)
+    return series
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def load_results(path: Path) -> dict[str, Any]:
     path = Path(path)
     return json.loads((path / RESULTS_FILE if path.is_dir() else path).read_text())
 
 
-def plot_accuracy(runs: list[dict[str, Any]], path: Path, labels: list[str] | None = None,
-                  by_epochs_of_data: bool = False) -> None:
-    """Test accuracy per round/epoch (or per epoch of training data) of one or more runs."""
+# What a run's series can be drawn against: the run's own unit (integer ticks), its clock
+# (simulated seconds where a simulated clock ran, else seconds since it started), or the
+# training samples it has seen (so rounds and epochs line up by the data trained on).
+X_AXES = ("unit", "time", "data")
+SERIES_LABELS = {"test_accuracy": "test accuracy (%)", "test_loss": "loss"}
+
+
+def plot_series(run: dict[str, Any], series: str, path: Path) -> None:
+    """One run's ``series`` against its rounds/epochs and against time (a run folder's
+    accuracy.png and loss.png); the loss plot adds the training loss."""
+    plot_runs([run], path, series=series, x_axes=("unit", "time"), labels=[_describe(run)])
+
+
+def plot_runs(runs: list[dict[str, Any]], path: Path, labels: list[str] | None = None,
+              series: str = "test_accuracy", x_axes: tuple[str, ...] = ("data", "time")
+              ) -> None:
+    """``series`` of one or more runs, one panel per x axis (see X_AXES), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, run in enumerate(runs):
-        points = [e for e in run["entries"] if e.get("test_accuracy") is not None]
-        xs = ([e.get("samples_trained", 0) / SAMPLES_PER_EPOCH for e in points]
-              if by_epochs_of_data else [e[run["unit"]] for e in points])
-        split = run["run_config"].get("partitioner", "all data")
-        label = labels[i] if labels else f"{run['kind']} ({split})"
-        ax.plot(xs, [100 * e["test_accuracy"] for e in points], marker="o", markersize=3,
-                label=label)
-    ax.set_xlabel(f"training samples seen (CIFAR-10 epochs of {SAMPLES_PER_EPOCH:,})"
-                  if by_epochs_of_data else runs[0]["unit"])
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(x_axes), figsize=(5.5 * len(x_axes), 4.2), squeeze=False)
+    for ax, x_axis in zip(axes[0], x_axes):
+        for i, run in enumerate(runs):
+            label = labels[i] if labels else _describe(run)
+            for name, values in _curves(run, series):
+                points = [(x, y) for x, y in ((_x(run, e, x_axis), y) for e, y in values)
+                          if x is not None]
+                ax.plot([x for x, _ in points], [y for _, y in points], marker="o",
+                        markersize=3, label=f"{label}: {name}" if name else label)
+        ax.set_xlabel(_x_label(runs[0], x_axis))
+        if x_axis == "unit":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(SERIES_LABELS.get(series, series))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
+
+
+def _curves(run: dict[str, Any], series: str
+            ) -> list[tuple[str, list[tuple[dict[str, Any], float]]]]:
+    """(name, [(entry, y)]) per curve: the series (accuracy in %), and for the loss
+    the training loss too (federated: the clients' mean; centralized: the epoch's)."""
+    scale = 100 if series == "test_accuracy" else 1
+    curves = [("" if series == "test_accuracy" else "test",
+               [(e, scale * e[series]) for e in run["entries"] if e.get(series) is not None])]
+    if series == "test_loss":
+        train = [(e, e["train_loss"] if "train_loss" in e else e["train"]["train-loss"])
+                 for e in run["entries"]
+                 if "train_loss" in e or "train-loss" in e.get("train", {})]
+        curves.append(("train", train))
+    return [(name, values) for name, values in curves if values]
+
+
+def _x(run: dict[str, Any], entry: dict[str, Any], x_axis: str) -> float | None:
+    if x_axis == "unit":
+        return entry[run["unit"]]
+    if x_axis == "data":
+        return entry.get("samples_trained", 0) / SAMPLES_PER_EPOCH
+    return entry.get("simulated_seconds" if _simulated(run) else "elapsed_s")
+
+
+def _simulated(run: dict[str, Any]) -> bool:
+    return any("simulated_seconds" in entry for entry in run["entries"])
+
+
+def _x_label(run: dict[str, Any], x_axis: str) -> str:
+    if x_axis == "unit":
+        return run["unit"]
+    if x_axis == "data":
+        return f"training samples seen (CIFAR-10 epochs of {SAMPLES_PER_EPOCH:,})"
+    return "simulated seconds" if _simulated(run) else "seconds since the run started"
+
+
+def _describe(run: dict[str, Any]) -> str:
+    if run["kind"] == "centralized":
+        return "centralized"
+    config = run["run_config"]
+    return f"{config['strategy']} ({config['partitioner']})"
 
 
 def plot_timeline(run: dict[str, Any], path: Path) -> None:
@@ -202,7 +316,7 @@ def draw_timeline(ax: Any, run: dict[str, Any], until: float | None = None) -> N
                 edgecolor="white", linewidth=0.5, label=f"{outcome} ({len(ended)})")
         ax.scatter([job["arrived"] for job in ended], [row[job["client"]] for job in ended],
                    s=6, color=colour, zorder=3)
-    simulated = any("simulated_seconds" in entry for entry in run["entries"])
+    simulated = _simulated(run)
     clock = "simulated_seconds" if simulated else "elapsed_s"
     for entry in run["entries"]:
         if entry.get("jobs") and clock in entry and (until is None or entry[clock] <= until):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import random
 import time
-from logging import INFO
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,11 +23,14 @@ from flwr.serverapp import Grid, ServerApp
 from fedcifar_app import extensions, task
 from fedcifar_app.compat import reported_in_one_line, shorten_object_pull_backoff
 from fedcifar_app.config import RunConfig
-from fedcifar_app.data import load_split
-from fedcifar_app.results import RunRecorder
+from fedcifar_app.data import load_split, plot_label_distribution
+from fedcifar_app.node import partition_scheme
+from fedcifar_app.results import PARTITIONS_PLOT_FILE, RunRecorder
 from fedcifar_app.strategies import RecoveringGrid, RunEndsEarly
 from fedcifar_app.strategies.checkpoint import checkpoint_to_resume, earlier_entries
 from fedcifar_app.task import BatchLoader
+from fedcifar_app.tracking import open_trackers
+from fedcifar_app.tracking.progress import RoundProgress
 
 app = ServerApp()
 
@@ -50,7 +55,11 @@ def run(grid: Grid, context: Context) -> None:
     test_loader = BatchLoader(
         load_split(config.dataset, "test", config.cache_root).to(device), task.EVAL_BATCH_SIZE)
     recorder = RunRecorder(run_dir, kind="federated", unit="round",
-                           run_config=config.to_dict(), extra={"run_id": context.run_id})
+                           run_config=config.to_dict(), extra={"run_id": context.run_id},
+                           tracker=open_trackers(config, run_dir, config.to_dict(),
+                                                 warn=lambda line: log(WARNING, line)))
+    progress = RoundProgress(config.num_server_rounds, "round",
+                             "step" if config.strategy == "fedbuff" else "round")
     strategy = extensions.build_strategy(config, recorder)
     if checkpoint is not None:
         log(INFO, "[fedcifar] resuming after round %d from %s", checkpoint.round,
@@ -67,14 +76,16 @@ def run(grid: Grid, context: Context) -> None:
         if server_round == 0 and checkpoint is not None:
             return None
         if not config.is_evaluation_round(run_round):
-            recorder.record(run_round, evaluated=False)
+            recorder.record(run_round, evaluated=False, save=False)
+            log(INFO, progress.line(recorder.publish(run_round)))
             return None
         started = time.perf_counter()
         net.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = task.test(net, test_loader)
         recorder.record(run_round, task.cpu_state_dict(net), evaluated=True, test_loss=loss,
                         test_accuracy=accuracy,
-                        test_seconds=round(time.perf_counter() - started, 3))
+                        test_seconds=round(time.perf_counter() - started, 3), save=False)
+        log(INFO, progress.line(recorder.publish(run_round)))
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
 
     # A reply seen before its arrays are all pushed should not cost Flower's 1 s backoff.
@@ -97,10 +108,24 @@ def run(grid: Grid, context: Context) -> None:
         recorder.finish(None, status="failed")
         raise
     net.load_state_dict(final.to_torch_state_dict())
+    # At the end: in simulation the nodes have cached the training split by now.
+    plot_partitions(config, strategy.partitions.partition_of.values(),
+                    run_dir / PARTITIONS_PLOT_FILE)
     recorder.finish(task.cpu_state_dict(net))
     log(INFO, "[fedcifar] best test accuracy %.4f (round %s)", recorder.best_accuracy,
         recorder.best_index)
     log(INFO, "[fedcifar] results, models and plot written to %s", run_dir)
+
+
+def plot_partitions(config: RunConfig, partition_ids: Iterable[int | None], path: Path) -> None:
+    """The label distribution of the nodes' partitions (multiplexed: of the virtual
+    clients'), where this machine has the training split cached, as in simulation."""
+    known = [partition for partition in partition_ids if partition is not None]
+    count = config.virtual_clients or (max(known) + 1 if known else 0)
+    if not (count and plot_label_distribution(config.dataset, config.cache_root,
+                                              partition_scheme(config, count), path)):
+        log(INFO, "[fedcifar] no %s: the nodes hold their own data, or this machine has "
+            "no cached training split", path.name)
 
 
 def seed_everything(seed: int) -> None:

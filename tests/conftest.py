@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
 import os
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -152,3 +156,50 @@ def local_simulation(flower_env: dict[str, str]) -> dict[str, str]:
     (pid,) = managed_superlink_pids(flower_env)
     assert not installs_dependencies(pid)
     return flower_env
+
+
+# A real MLflow tracking server takes 10-45 s to start here (it imports its web app).
+MLFLOW_START_TIMEOUT = 240
+
+
+@contextlib.contextmanager
+def mlflow_server(directory: Path) -> Iterator[tuple[str, int]]:
+    """``mlflow server`` on a free loopback port with a SQLite store in ``directory``:
+    (its URL, its PID); stopped, with its workers, by PID."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    with open(directory / "server.log", "wb") as log:
+        server = subprocess.Popen(
+            ["mlflow", "server", "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
+             "--artifacts-destination", str(directory / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + MLFLOW_START_TIMEOUT
+        while not _answers(f"{url}/health"):
+            assert server.poll() is None and time.monotonic() < deadline, \
+                (directory / "server.log").read_text()
+            time.sleep(0.5)
+        yield url, server.pid
+    finally:
+        stop_process_tree(server.pid)
+        server.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def mlflow_api(url: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
+    """Call an MLflow REST endpoint (``/api/2.0/mlflow/<endpoint>``): GET with ``query``,
+    or POST ``body`` as JSON (the search endpoints)."""
+    address = f"{url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(address, data=data,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())

@@ -13,8 +13,10 @@ import torch
 
 from fedcifar_app import task
 from fedcifar_app.data import PartitionScheme, load_partition
-from fedcifar_app.results import FINAL_MODEL_FILE, PLOT_FILE, load_results
-from tests.conftest import flwr_run
+from fedcifar_app.results import (FINAL_MODEL_FILE, LOSS_PLOT_FILE, PARTITIONS_PLOT_FILE,
+                                  PLOT_FILE, TIMELINE_FILE, load_results)
+from tests.conftest import flwr_run, mlflow_api, mlflow_server
+from tests.test_tracking import tensorboard_series, wandb_series
 
 # Minutes, not seconds (whole flwr run . simulations): `pytest -m "not slow"` skips it.
 pytestmark = pytest.mark.slow
@@ -207,3 +209,39 @@ def test_a_secure_aggregation_run_completes(local_simulation: dict[str, str],
         == [(3, 0, 3), (3, 0, 3)]
     assert rounds[-1]["test_accuracy"] > 0
     assert (run_dir / FINAL_MODEL_FILE).exists()
+
+
+def test_a_tracked_run_appears_in_mlflow_tensorboard_and_wandb_with_its_pictures(
+        local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
+    with mlflow_server(tmp_path / "mlflow") as (url, _):
+        run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
+                      f"output-dir='{tmp_path / 'out'}' num-server-rounds=2 "
+                      "fraction-train=1.0 min-available-nodes=3 local-epochs=1 "
+                      f"tracking='tensorboard,mlflow,wandb' tracking-uri='{url}'")
+        done, status = flwr_run(local_simulation, run_config)
+        assert status["status"] == "finished:completed", done.stdout + done.stderr
+        run_dir = tmp_path / "out" / f"flwr-run-{status['run-id']}"
+        experiment = mlflow_api(url, "experiments/get-by-name",
+                                experiment_name="fedcifar")["experiment"]
+        (run,) = mlflow_api(url, "runs/search",
+                            {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+        history = mlflow_api(url, "metrics/get-history", run_id=run["info"]["run_id"],
+                             metric_key="test_accuracy")["metrics"]
+        artifacts = mlflow_api(url, "artifacts/list", run_id=run["info"]["run_id"])["files"]
+    results = load_results(run_dir)
+    accuracy = {e["round"]: e["test_accuracy"] for e in results["entries"]}
+    assert run["info"]["run_name"] == run_dir.name and run["info"]["status"] == "FINISHED"
+    assert {p["key"]: p["value"] for p in run["data"]["params"]}["num-server-rounds"] == "2"
+    assert {point["step"]: point["value"] for point in history} == pytest.approx(accuracy)
+    assert {"results.json", "model_final.pt", "accuracy.png"} <= {f["path"] for f in artifacts}
+    assert tensorboard_series(run_dir, "model/test_accuracy") == pytest.approx(accuracy)
+    assert wandb_series(run_dir, "test_accuracy") == pytest.approx(accuracy)
+    # Live progress, one line per round, in what `flwr run --stream` shows.
+    assert "[fedcifar] round 1/2 | " in done.stdout and "ETA" in done.stdout
+    assert "[fedcifar] round 2/2 | " in done.stdout
+    for picture in (PLOT_FILE, LOSS_PLOT_FILE, TIMELINE_FILE, PARTITIONS_PLOT_FILE):
+        assert (run_dir / picture).stat().st_size > 10_000, picture
+    for entry in results["entries"][1:]:  # each node's job on the wall clock
+        assert sorted(job["outcome"] for job in entry["jobs"]) == ["used"] * 3
+        assert all(0 < job["sent"] <= job["arrived"] <= entry["elapsed_s"]
+                   for job in entry["jobs"])

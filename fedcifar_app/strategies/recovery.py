@@ -24,7 +24,8 @@ own sampling and aggregation:
   thread's CPU time leaves out waiting for the GIL or the network).
 
 The failed replies stay in the list the strategy receives, which counts them;
-replacements and timeouts go to ``on_phase_end``.
+replacements, timeouts and each instruction's journey (``Job``: node, sent, answered,
+how) go to ``on_phase_end``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,17 @@ MEMBERSHIP_INTERVAL = 1.0
 
 
 @dataclass
+class Job:
+    """One instruction to one node: when it was sent and answered (time.monotonic), and
+    how: 'replied', 'failed' (an error reply), 'timed out' or 'disconnected'."""
+
+    node: int
+    sent: float
+    answered: float
+    outcome: str
+
+
+@dataclass
 class PhaseReport:
     """What one send_and_receive call (a round's train or evaluate phase) went through."""
 
@@ -58,12 +70,14 @@ class PhaseReport:
     timeouts: int = 0
     # (node id, why) for each instruction that failed, replaced or not.
     failures: list[tuple[int, str]] = field(default_factory=list)
+    jobs: list[Job] = field(default_factory=list)
 
 
 @dataclass
 class _Pending:
     instruction: Message
     deadline: float
+    sent: float
 
 
 class WrappedGrid(Grid):
@@ -123,18 +137,21 @@ class RecoveringGrid(WrappedGrid):
         retries_left = self.retries
 
         def send(instructions: list[Message]) -> None:
-            deadline = time.monotonic() + patience
+            sent = time.monotonic()
             ids = self.grid.push_messages(instructions)
             for instruction, message_id in zip(instructions, ids, strict=True):
                 if message_id is None:  # Flower logs why; the node counts as failed.
-                    fail(instruction, None, "the SuperLink did not accept the message")
+                    fail(instruction, None, "the SuperLink did not accept the message",
+                         sent, "failed")
                 else:
-                    pending[message_id] = _Pending(instruction, deadline)
+                    pending[message_id] = _Pending(instruction, sent + patience, sent)
 
-        def fail(instruction: Message, reply: Message | None, why: str) -> None:
+        def fail(instruction: Message, reply: Message | None, why: str, sent: float,
+                 outcome: str) -> None:
             nonlocal retries_left
             node = instruction.metadata.dst_node_id
             report.failures.append((node, why))
+            report.jobs.append(Job(node, sent, time.monotonic(), outcome))
             if reply is not None:
                 replies.append(reply)
             if retries_left == 0:
@@ -167,11 +184,15 @@ class RecoveringGrid(WrappedGrid):
                 message_id = reply.metadata.reply_to_message_id
                 if message_id not in pending:
                     continue
-                instruction = pending.pop(message_id).instruction
+                entry = pending.pop(message_id)
                 if reply.has_error():
-                    fail(instruction, reply, f"error {reply.error.code}: {reply.error.reason}")
+                    fail(entry.instruction, reply,
+                         f"error {reply.error.code}: {reply.error.reason}", entry.sent,
+                         "failed")
                 else:
                     replies.append(reply)
+                    report.jobs.append(Job(reply.metadata.src_node_id, entry.sent,
+                                           time.monotonic(), "replied"))
             now = time.monotonic()
             for message_id, entry in list(pending.items()):
                 if now >= entry.deadline:
@@ -179,7 +200,8 @@ class RecoveringGrid(WrappedGrid):
                     del pending[message_id]
                     fail(entry.instruction, _error_reply(
                         entry.instruction, ErrorCode.UNKNOWN,
-                        f"no reply within {patience:g} s (round-timeout)"), "timed out")
+                        f"no reply within {patience:g} s (round-timeout)"), "timed out",
+                        entry.sent, "timed out")
             if pending and now >= next_membership_check:
                 next_membership_check = now + MEMBERSHIP_INTERVAL
                 connected = set(self.grid.get_node_ids())
@@ -188,7 +210,8 @@ class RecoveringGrid(WrappedGrid):
                         del pending[message_id]
                         fail(entry.instruction, _error_reply(
                             entry.instruction, ErrorCode.NODE_UNAVAILABLE,
-                            "the node is no longer connected"), "disconnected")
+                            "the node is no longer connected"), "disconnected",
+                            entry.sent, "disconnected")
             if pending:
                 waited = time.monotonic() - started
                 time.sleep(min(self.poll_interval, max(MIN_POLL_INTERVAL, waited / 100,

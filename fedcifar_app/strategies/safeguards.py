@@ -46,7 +46,7 @@ from fedcifar_app import compat
 from fedcifar_app.errors import AnticipatedError
 from fedcifar_app.results import RunRecorder
 from fedcifar_app.strategies.checkpoint import CHECKPOINT_FILE, Checkpoint, save_checkpoint
-from fedcifar_app.strategies.recovery import PhaseReport
+from fedcifar_app.strategies.recovery import Job, PhaseReport
 from fedcifar_app.strategies.replies import (FOLDED_EVALUATION_PREFIX, folded_evaluation,
                                              metric_names, metrics_problem,
                                              most_common_metric_names, rejected_on_nodes,
@@ -216,10 +216,20 @@ class Safeguarded(Strategy):
         if report.server_round is None:
             return
         phase = "train" if report.message_type == MessageType.TRAIN else "evaluate"
-        self.recorder.record(report.server_round, save=False, **{
+        jobs = {"jobs": [self._job(job) for job in report.jobs]} if phase == "train" else {}
+        self.recorder.record(report.server_round, save=False, **jobs, **{
             f"{phase}_replacements": report.replacements,
             f"{phase}_timeouts": report.timeouts,
             f"{phase}_failed_nodes": [[node, why] for node, why in report.failures]})
+
+    def _job(self, job: Job) -> dict[str, Any]:
+        """A training job on the wall clock, for the timeline (a simulated clock's grid
+        records its own jobs over these); a reply counts as used until rejected."""
+        partition = self.partitions.partition_of.get(job.node)
+        return {"client": job.node if partition is None else partition, "node": job.node,
+                "sent": round(job.sent - self.recorder.started, 3),
+                "arrived": round(job.answered - self.recorder.started, 3),
+                "outcome": "used" if job.outcome == "replied" else job.outcome}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
         run_round = server_round + self.round_offset
@@ -230,6 +240,7 @@ class Safeguarded(Strategy):
             return arrays, MetricRecord()
         errors = [r for r in replies if r.has_error()]
         usable, rejected = self._usable(run_round, replies)
+        self._mark_rejected(run_round, {r.metadata.src_node_id for r in rejected})
         # Counted per client: a multiplexed node's reply holds several (see replies).
         self.recorder.record(run_round, save=False,
                              train_replies=sum(len(served(r)) for r in usable),
@@ -271,6 +282,11 @@ class Safeguarded(Strategy):
                                  evaluate_replies=sum(len(served(r)) for r in usable))
         self.save_checkpoint(run_round, arrays)
         return arrays, MetricRecord(train_metrics)
+
+    def _mark_rejected(self, run_round: int, nodes: set[int]) -> None:
+        for job in self.recorder.entry(run_round).get("jobs", ()):
+            if job.get("node") in nodes and job["outcome"] == "used":
+                job["outcome"] = "rejected"
 
     def _usable(self, run_round: int, replies: list[Message]
                 ) -> tuple[list[Message], list[Message]]:
