@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -12,7 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 ROOT = Path(__file__).resolve().parents[1]
+# The ServerApp's line per finished round (fedcifar_app.tracking.progress).
+ROUND_LINE = re.compile(r"\[fedcifar\] (?:round|step) (\d+)/(\d+)")
 
 
 def machine() -> dict[str, Any]:
@@ -64,10 +69,11 @@ class PeakRss:
 
 
 def flwr_run(run_config: str, federation_config: str | None = None,
-             timeout: float = 3600, connection: str | None = None) -> tuple[float, Path, str]:
+             timeout: float = 3600, connection: str | None = None,
+             label: str = "flwr run") -> tuple[float, Path, str]:
     """``flwr run . [connection]``, its log streamed, through ``fedcifar_app.ops.runs start``
-    (which exits non-zero unless the run completed); return (wall seconds, run folder,
-    output).
+    (which exits non-zero unless the run completed), with a progress bar of its rounds;
+    return (wall seconds, run folder, output).
 
     Never on a managed SuperLink that would ``uv sync`` the app's dependencies into a
     fresh environment for the run (minutes and gigabytes, and a different torch):
@@ -80,14 +86,36 @@ def flwr_run(run_config: str, federation_config: str | None = None,
     if federation_config:
         command += ["--federation-config", federation_config]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, DISABLE_INSTALL_ENV: "1"})
+    returncode, output = _streamed(command, {**os.environ, DISABLE_INSTALL_ENV: "1"}, timeout,
+                                   label)
     wall = time.perf_counter() - start
     marker = "outputs of this run: "
-    lines = [line for line in done.stdout.splitlines() if marker in line]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"flwr run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return wall, Path(lines[-1].split(marker, 1)[1].strip()), done.stdout
+    lines = [line for line in output.splitlines() if marker in line]
+    if returncode != 0 or not lines:
+        raise RuntimeError(f"flwr run failed:\n{output[-6000:]}")
+    return wall, Path(lines[-1].split(marker, 1)[1].strip()), output
+
+
+def _streamed(command: list[str], env: dict[str, str], timeout: float,
+              label: str) -> tuple[int, str]:
+    """Run ``command``, a bar advancing with each round line it prints (on a terminal;
+    in a log file, a line every 30 s); (exit code, everything it printed). Killed,
+    with exit code -9, after ``timeout`` seconds."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(timeout, process.kill)
+    watchdog.start()
+    output = []
+    with tqdm(desc=label, unit="round", mininterval=0.1 if sys.stderr.isatty() else 30,
+              leave=False) as bar:
+        for line in process.stdout:
+            output.append(line)
+            match = ROUND_LINE.search(line)
+            if match:
+                bar.total = int(match[2])
+                bar.update(int(match[1]) - bar.n)
+    watchdog.cancel()
+    return process.wait(), "".join(output)
 
 
 def run_resumable(run_config: str, run_root: Path, label: str,
@@ -111,7 +139,7 @@ def run_resumable(run_config: str, run_root: Path, label: str,
     else:
         print(f"{label}: starting" + (" over (not resumable)" if checkpoints else ""),
               flush=True)
-    wall, run_dir, _ = flwr_run(run_config, federation_config, timeout=timeout)
+    wall, run_dir, _ = flwr_run(run_config, federation_config, timeout=timeout, label=label)
     return run_dir, wall
 
 

@@ -278,7 +278,7 @@ def _describe(run: dict[str, Any]) -> str:
     if run["kind"] == "centralized":
         return "centralized"
     config = run["run_config"]
-    return f"{config['strategy']} ({config['partitioner']})"
+    return f"{config.get('strategy', 'fedavg')} ({config.get('partitioner', 'iid')})"
 
 
 def plot_timeline(run: dict[str, Any], path: Path) -> None:

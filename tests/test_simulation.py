@@ -226,7 +226,7 @@ def test_a_tracked_run_appears_in_mlflow_tensorboard_and_wandb_with_its_pictures
         (run,) = mlflow_api(url, "runs/search",
                             {"experiment_ids": [experiment["experiment_id"]]})["runs"]
         history = mlflow_api(url, "metrics/get-history", run_id=run["info"]["run_id"],
-                             metric_key="test_accuracy")["metrics"]
+                             metric_key="model/test_accuracy")["metrics"]
         artifacts = mlflow_api(url, "artifacts/list", run_id=run["info"]["run_id"])["files"]
     results = load_results(run_dir)
     accuracy = {e["round"]: e["test_accuracy"] for e in results["entries"]}
@@ -235,7 +235,7 @@ def test_a_tracked_run_appears_in_mlflow_tensorboard_and_wandb_with_its_pictures
     assert {point["step"]: point["value"] for point in history} == pytest.approx(accuracy)
     assert {"results.json", "model_final.pt", "accuracy.png"} <= {f["path"] for f in artifacts}
     assert tensorboard_series(run_dir, "model/test_accuracy") == pytest.approx(accuracy)
-    assert wandb_series(run_dir, "test_accuracy") == pytest.approx(accuracy)
+    assert wandb_series(run_dir, "model/test_accuracy") == pytest.approx(accuracy)
     # Live progress, one line per round, in what `flwr run --stream` shows.
     assert "[fedcifar] round 1/2 | " in done.stdout and "ETA" in done.stdout
     assert "[fedcifar] round 2/2 | " in done.stdout

@@ -52,7 +52,7 @@ def test_a_failing_tracker_is_warned_about_once_and_the_others_go_on() -> None:
     for step in range(3):
         trackers.log_metrics(step, {"test_accuracy": 0.1 * step})
     trackers.finish({"status": "completed"}, Path("."))
-    assert broken.calls == [("log_metrics", (0, {"test_accuracy": 0.0}))]
+    assert broken.calls == [("log_metrics", (0, {"model/test_accuracy": 0.0}))]
     assert [what for what, _ in healthy.calls] == ["log_metrics"] * 3 + ["finish"]
     assert warnings == ["tracking: broken failed (OSError: [Errno 28] No space left on "
                         "device); the run goes on without it"]
@@ -135,7 +135,7 @@ def test_tensorboard_and_wandb_hold_the_centralized_run(tiny_dataset: Path,
     (run_dir,) = (tmp_path / "out").iterdir()
     expected = {e["epoch"]: e["test_accuracy"] for e in load_results(run_dir)["entries"]}
     assert tensorboard_series(run_dir, "model/test_accuracy") == pytest.approx(expected)
-    assert wandb_series(run_dir, "test_accuracy") == pytest.approx(expected)
+    assert wandb_series(run_dir, "model/test_accuracy") == pytest.approx(expected)
 
 
 def tensorboard_series(run_dir: Path, tag: str) -> dict[int, float]:
@@ -200,7 +200,7 @@ def test_an_mlflow_server_that_goes_away_mid_run_does_not_stop_it(tiny_dataset: 
                           {"experiment_ids": [experiment["experiment_id"]]})
         (run_id,) = [r["info"]["run_id"] for r in runs["runs"]]
         history = mlflow_api(url, "metrics/get-history", run_id=run_id,
-                             metric_key="test_accuracy")["metrics"]
+                             metric_key="model/test_accuracy")["metrics"]
         assert sorted(point["step"] for point in history) == [0, 1]  # tracked live
         stop_process_tree(server_pid)  # the tracking server is gone
         stdout, stderr = finished(run)

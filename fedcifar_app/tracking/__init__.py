@@ -22,6 +22,9 @@ from fedcifar_app.errors import AnticipatedError
 # The Python package each backend needs (all three in the 'tracking' extra).
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 EXPERIMENT = "fedcifar"
+# The UIs group series by their name's first '/' part and sort the groups (TensorBoard
+# opens only the first two): "model" (how the model does) before "run" (the rest).
+MODEL_WORDS = ("accuracy", "loss")
 
 
 class TrackerUnavailableError(AnticipatedError, RuntimeError):
@@ -45,7 +48,8 @@ class Trackers:
         self.warn = warn
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self._each(lambda tracker: tracker.log_metrics(step, metrics))
+        named = {grouped(name): value for name, value in metrics.items()}
+        self._each(lambda tracker: tracker.log_metrics(step, named))
 
     def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
         self._each(lambda tracker: tracker.finish(summary, run_dir))
@@ -59,6 +63,13 @@ class Trackers:
                 self.active.remove(tracker)
                 self.warn(f"tracking: {tracker.name} failed ({type(err).__name__}: {err}); "
                           "the run goes on without it")
+
+
+def grouped(series: str) -> str:
+    """A results.json series name as the trackers show it: 'model/test_accuracy',
+    'model/train/train-loss', 'run/train_replies'."""
+    words = series.replace("/", "_").replace("-", "_").split("_")
+    return f"{'model' if any(w in MODEL_WORDS for w in words) else 'run'}/{series}"
 
 
 def check_installed(config: RunConfig) -> None:

@@ -10,14 +10,6 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 
 LOG_DIR = "tensorboard"
-# TensorBoard groups tags by their first '/' part, sorts the groups and opens only the
-# first two: "model" (how the model does) before "run" (everything else).
-MODEL_WORDS = ("accuracy", "loss", "acc")
-
-
-def tag(series: str) -> str:
-    words = series.replace("/", "_").replace("-", "_").split("_")
-    return f"{'model' if any(w in MODEL_WORDS for w in words) else 'run'}/{series}"
 
 
 class TensorBoardTracker:
@@ -29,7 +21,7 @@ class TensorBoardTracker:
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
-            self.writer.add_scalar(tag(name), value, global_step=step)
+            self.writer.add_scalar(name, value, global_step=step)
         self.writer.flush()  # a run watched live shows each round as it ends
 
     def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
