@@ -247,3 +247,22 @@ def test_tensorboard_shows_the_run_s_accuracy_chart_in_a_browser(tiny_dataset: P
     colours = Image.open(screenshot).convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 100  # a page, not a blank frame
 
+
+
+@pytest.mark.slow
+def test_runs_that_start_together_share_a_new_mlflow_store(tmp_path: Path) -> None:
+    # Unserialised, two of three processes failed here creating the store's tables.
+    opener = ("import sys; from pathlib import Path; "
+              "from fedcifar_app.tracking.mlflow import MlflowTracker; "
+              "MlflowTracker(sys.argv[1], 'fedcifar', Path(sys.argv[2]), {'seed': 42})")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    openers = [subprocess.Popen([sys.executable, "-c", opener, uri, str(tmp_path / f"run{i}")],
+                                stderr=subprocess.PIPE, text=True) for i in range(3)]
+    failures = [stderr for opened in openers
+                if (stderr := opened.communicate(timeout=300)[1]) and opened.returncode != 0]
+    assert failures == []
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("fedcifar").experiment_id])
+    assert sorted(run.info.run_name for run in runs) == ["run0", "run1", "run2"]

@@ -4,6 +4,8 @@ results.json, models and pictures as artifacts when it ends."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import time
 from pathlib import Path
@@ -31,8 +33,9 @@ class MlflowTracker:
                  run_config: dict[str, Any]) -> None:
         for variable, value in HTTP_SETTINGS.items():
             os.environ.setdefault(variable, value)
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        experiment_id = self._experiment_id(experiment, tracking_uri)
+        with _store_lock(tracking_uri):
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            experiment_id = self._experiment_id(experiment, tracking_uri)
         run = self.client.create_run(experiment_id, run_name=run_dir.name,
                                      tags={"fedcifar.run_dir": str(run_dir)})
         self.run_id = run.info.run_id
@@ -67,14 +70,32 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id, STATUSES.get(summary["status"], "KILLED"))
 
 
-def _artifact_location(tracking_uri: str) -> str | None:
-    """Beside a SQLite store (MLflow would otherwise put artifacts under the working
-    directory); a server keeps its own."""
+@contextlib.contextmanager
+def _store_lock(tracking_uri: str):  # noqa: ANN202 - a context manager
+    """Runs that start together on a new SQLite store would both create its tables (one
+    then fails: 'table ... already exists'): the first use is one process at a time."""
+    database = _sqlite_path(tracking_uri)
+    if database is None:
+        yield
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _sqlite_path(tracking_uri: str) -> Path | None:
     parsed = urlparse(tracking_uri)
     if parsed.scheme != "sqlite":
         return None
-    database = Path(parsed.path[1:]).resolve()  # sqlite:///relative, sqlite:////absolute
-    return (database.parent / "mlflow-artifacts").as_uri()
+    return Path(parsed.path[1:]).resolve()  # sqlite:///relative, sqlite:////absolute
+
+
+def _artifact_location(tracking_uri: str) -> str | None:
+    """Beside a SQLite store (MLflow would otherwise put artifacts under the working
+    directory); a server keeps its own."""
+    database = _sqlite_path(tracking_uri)
+    return None if database is None else (database.parent / "mlflow-artifacts").as_uri()
 
 
 def _key(name: str) -> str:
