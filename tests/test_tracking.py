@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -148,41 +147,13 @@ def tensorboard_series(run_dir: Path, tag: str) -> dict[int, float]:
 
 
 def wandb_series(run_dir: Path, key: str) -> dict[int, float]:
-    """A key's values by step from the offline W&B run's transaction log (records in
-    LevelDB's log format: 32 KiB blocks of chunks with a 7-byte header; W&B's own reader
-    of it moved into its Go service), decoded with W&B's protobuf schema."""
-    from wandb.proto import wandb_internal_pb2
-
-    (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    series = {}
-    for record_bytes in leveldb_log_records(log.read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(record_bytes)
-        if record.WhichOneof("record_type") == "history":
-            row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json)
-                   for item in record.history.item}
-            if key in row:
-                series[row["step"]] = row[key]
-    return series
-
-
-def leveldb_log_records(data: bytes, block: int = 32768) -> list[bytes]:
-    assert data[:4] == b":W&B", data[:7]
-    records, chunk, position = [], b"", 7
-    while position + 7 <= len(data):
-        if block - position % block < 7:  # a block's tail too short for a header
-            position += block - position % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        if length == 0 and kind == 0:  # zero padding to the block's end
-            position += block - position % block
-            continue
-        chunk += data[position + 7:position + 7 + length]
-        position += 7 + length
-        if kind in (1, 4):  # FULL, or LAST of FIRST/MIDDLE.../LAST
-            records.append(chunk)
-            chunk = b""
-    return records
+    """A key's values by step in the offline W&B run, read with W&B's own reader of its
+    transaction log (``wandb leet inspect --json``: one JSON record per line)."""
+    records = subprocess.run(["wandb", "leet", "inspect", "--json", str(run_dir / "wandb")],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+    rows = [json.loads(line)["history"]["item"] for line in records.splitlines()
+            if '"type":"history"' in line]
+    return {row["step"]: row[key] for row in rows if key in row}
 
 
 @pytest.mark.slow
