@@ -163,7 +163,7 @@ def test_a_cut_off_run_resumes_unless_it_cannot(tmp_path: Path, monkeypatch) -> 
     import common
 
     calls = []
-    monkeypatch.setattr(common, "flwr_run", lambda config, federation, timeout: (
+    monkeypatch.setattr(common, "flwr_run", lambda config, federation, timeout, label: (
         calls.append(config) or (1.0, tmp_path / "new-run", "")))
     cut = tmp_path / "flwr-run-1"
     cut.mkdir()
