@@ -196,10 +196,6 @@ def load_results(path: Path) -> dict[str, Any]:
     return json.loads((path / RESULTS_FILE if path.is_dir() else path).read_text())
 
 
-# What a run's series can be drawn against: the run's own unit (integer ticks), its clock
-# (simulated seconds where a simulated clock ran, else seconds since it started), or the
-# training samples it has seen (so rounds and epochs line up by the data trained on).
-X_AXES = ("unit", "time", "data")
 SERIES_LABELS = {"test_accuracy": "test accuracy (%)", "test_loss": "loss"}
 
 
@@ -212,7 +208,10 @@ def plot_series(run: dict[str, Any], series: str, path: Path) -> None:
 def plot_runs(runs: list[dict[str, Any]], path: Path, labels: list[str] | None = None,
               series: str = "test_accuracy", x_axes: tuple[str, ...] = ("data", "time")
               ) -> None:
-    """``series`` of one or more runs, one panel per x axis (see X_AXES), as a PNG."""
+    """``series`` of one or more runs, one panel per x axis, as a PNG. The x axes: "unit"
+    (the runs' rounds or epochs, integer ticks), "time" (simulated seconds where a
+    simulated clock ran, else seconds since the run started), "data" (training samples
+    seen, in CIFAR-10 epochs, so rounds and epochs line up by the data trained on)."""
     import matplotlib
 
     matplotlib.use("Agg")

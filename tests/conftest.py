@@ -176,7 +176,7 @@ def mlflow_server(directory: Path) -> Iterator[tuple[str, int]]:
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + MLFLOW_START_TIMEOUT
-        while not _answers(f"{url}/health"):
+        while not answers(f"{url}/health"):
             assert server.poll() is None and time.monotonic() < deadline, \
                 (directory / "server.log").read_text()
             time.sleep(0.5)
@@ -186,7 +186,7 @@ def mlflow_server(directory: Path) -> Iterator[tuple[str, int]]:
         server.wait()
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             return response.status == 200

@@ -23,7 +23,7 @@ from fedcifar_app.ops.local_simulation import stop_process_tree
 from fedcifar_app.results import RESULTS_FILE, RunRecorder, load_results
 from fedcifar_app.tracking import Trackers, TrackerUnavailableError, check_installed
 from fedcifar_app.tracking.progress import RoundProgress
-from tests.conftest import ROOT, _answers, mlflow_api, mlflow_server
+from tests.conftest import answers, mlflow_api, mlflow_server
 
 
 class Recording:
@@ -196,7 +196,7 @@ def test_tensorboard_shows_the_run_s_accuracy_chart_in_a_browser(tiny_dataset: P
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not _answers(f"http://127.0.0.1:{port}/data/runs"):
+        while not answers(f"http://127.0.0.1:{port}/data/runs"):
             assert board.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
         page = f"http://127.0.0.1:{port}/#timeseries"
