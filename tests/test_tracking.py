@@ -8,7 +8,9 @@ module's local SuperLink).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -165,6 +167,9 @@ def test_an_mlflow_server_that_goes_away_mid_run_does_not_stop_it(tiny_dataset: 
         for line in run.stdout:
             if line.startswith("[fedcifar] epoch 1/4"):
                 break
+        # Held still (an epoch of the tiny data takes a fraction of a second), so that the
+        # server is gone before epoch 2 is logged, however fast this machine is.
+        os.kill(run.pid, signal.SIGSTOP)
         experiment = mlflow_api(url, "experiments/get-by-name",
                                 experiment_name="fedcifar")["experiment"]
         runs = mlflow_api(url, "runs/search",
@@ -174,6 +179,7 @@ def test_an_mlflow_server_that_goes_away_mid_run_does_not_stop_it(tiny_dataset: 
                              metric_key="model/test_accuracy")["metrics"]
         assert sorted(point["step"] for point in history) == [0, 1]  # tracked live
         stop_process_tree(server_pid)  # the tracking server is gone
+        os.kill(run.pid, signal.SIGCONT)
         stdout, stderr = finished(run)
     assert "[fedcifar] epoch 4/4" in stdout
     assert "warning: tracking: mlflow failed" in stderr
