@@ -94,15 +94,18 @@ def test_a_tracker_whose_package_is_missing_is_refused_before_training(
         check_installed(RunConfig.from_mapping({"tracking": "tensorboard,wandb"}))
 
 
-def test_the_progress_line_says_where_the_run_is() -> None:
-    progress = RoundProgress(total=10, unit="round")
-    progress.started -= 5
+def test_the_progress_line_says_where_the_run_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedcifar_app.tracking import progress as module
+
+    clock = iter([105.0, 125.0])  # when round 0 and round 2 end
+    monkeypatch.setattr(module.time, "monotonic", lambda: next(clock))
+    progress = RoundProgress(total=10, unit="round", started=100.0)
     first = progress.line({"round": 0, "test_accuracy": 0.1, "test_loss": 2.3})
-    progress.first = (0, progress.first[1] - 20)  # 20 s for the first two rounds
     line = progress.line({"round": 2, "test_accuracy": 0.4512, "test_loss": 1.5,
                           "train_replies": 5, "train_failures": 1})
     assert first.startswith("[fedcifar] round 0/10 | 0:05 elapsed | test loss 2.3000")
-    assert line.startswith("[fedcifar] round 2/10 | 0:05 elapsed | ETA 1:20 | ")
+    # 20 s for rounds 1 and 2: 8 rounds left take 80 s.
+    assert line.startswith("[fedcifar] round 2/10 | 0:25 elapsed | ETA 1:20 | ")
     assert line.endswith("accuracy 45.12 % | 5 updates, 1 failed")
 
 
