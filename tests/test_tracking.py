@@ -97,7 +97,7 @@ def test_a_tracker_whose_package_is_missing_is_refused_before_training(
 def test_the_progress_line_says_where_the_run_is(monkeypatch: pytest.MonkeyPatch) -> None:
     from fedcifar_app.tracking import progress as module
 
-    clock = iter([105.0, 125.0])  # when round 0 and round 2 end
+    clock = iter([105.0, 125.0, 135.0])  # when rounds 0, 2 and 3 end
     monkeypatch.setattr(module.time, "monotonic", lambda: next(clock))
     progress = RoundProgress(total=10, unit="round", started=100.0)
     first = progress.line({"round": 0, "test_accuracy": 0.1, "test_loss": 2.3})
@@ -107,6 +107,9 @@ def test_the_progress_line_says_where_the_run_is(monkeypatch: pytest.MonkeyPatch
     # 20 s for rounds 1 and 2: 8 rounds left take 80 s.
     assert line.startswith("[fedcifar] round 2/10 | 0:25 elapsed | ETA 1:20 | ")
     assert line.endswith("accuracy 45.12 % | 5 updates, 1 failed")
+    over_selected = progress.line({"round": 3, "train_replies": 10, "train_failures": 4,
+                                   "late": [7, 9, 11], "train_replacements": 1})
+    assert over_selected.endswith("| 10 updates, 1 failed, 3 late, 1 replaced")
 
 
 def centralized(tiny_dataset: Path, tmp_path: Path, *args: str) -> subprocess.Popen:

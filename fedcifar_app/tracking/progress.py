@@ -39,12 +39,14 @@ class RoundProgress:
 
 
 def _replies(entry: dict[str, Any]) -> str:
-    counts = [f"{entry['train_replies']} updates"]
-    for key, word in (("train_failures", "failed"), ("train_rejected", "rejected"),
-                      ("train_replacements", "replaced")):
-        if entry.get(key):
-            counts.append(f"{entry[key]} {word}")
-    return ", ".join(counts)
+    # On a simulated clock, updates dropped as late (over-selection) count as failures.
+    late = len(entry.get("late", ()))
+    numbers = {"updates": entry["train_replies"],
+               "failed": entry.get("train_failures", 0) - late, "late": late,
+               "rejected": entry.get("train_rejected", 0),
+               "replaced": entry.get("train_replacements", 0)}
+    return ", ".join(f"{count} {word}" for word, count in numbers.items()
+                     if count or word == "updates")
 
 
 def _clock(seconds: float) -> str:
