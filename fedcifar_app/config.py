@@ -80,8 +80,12 @@ def _not_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def _tracker_names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
 def _trackers_problem(value: str) -> str | None:
-    names = [name.strip() for name in value.split(",") if name.strip()]
+    names = _tracker_names(value)
     unknown = [name for name in names if name not in TRACKERS]
     if unknown:
         return f"names {', '.join(unknown)}: the trackers are {', '.join(TRACKERS)}"
@@ -526,7 +530,7 @@ class RunConfig:
 
     @property
     def trackers(self) -> tuple[str, ...]:
-        return tuple(name.strip() for name in self.tracking.split(",") if name.strip())
+        return tuple(_tracker_names(self.tracking))
 
     @property
     def mlflow_uri(self) -> str:

@@ -54,9 +54,10 @@ def run(grid: Grid, context: Context) -> None:
     # The test split is decoded (or mapped from the cache) once, and goes to the device once.
     test_loader = BatchLoader(
         load_split(config.dataset, "test", config.cache_root).to(device), task.EVAL_BATCH_SIZE)
-    recorder = RunRecorder(run_dir, kind="federated", unit="round",
-                           run_config=config.to_dict(), extra={"run_id": context.run_id},
-                           tracker=open_trackers(config, run_dir, config.to_dict(),
+    run_config = config.to_dict()
+    recorder = RunRecorder(run_dir, kind="federated", unit="round", run_config=run_config,
+                           extra={"run_id": context.run_id},
+                           tracker=open_trackers(config, run_dir, run_config,
                                                  warn=lambda line: log(WARNING, line)))
     progress = RoundProgress(config.num_server_rounds, "round",
                              "step" if config.strategy == "fedbuff" else "round")

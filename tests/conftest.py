@@ -148,6 +148,19 @@ def flwr_run(env: dict[str, str], run_config: str,
     return done, runs[0] if len(runs) == 1 else max(runs, key=lambda r: r["pending-at"])
 
 
+def completed_run_and_output(env: dict[str, str], tiny_dataset: Path, tmp_path: Path,
+                             settings: str, out: str = "out",
+                             federation_config: str | None = None
+                             ) -> tuple[Path, subprocess.CompletedProcess]:
+    """`flwr run .` on the tiny data with ``settings``; assert it completed; (its run
+    folder, what `flwr run --stream` printed)."""
+    run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
+                  f"output-dir='{tmp_path / out}' {settings}")
+    done, status = flwr_run(env, run_config, federation_config)
+    assert status["status"] == "finished:completed", done.stdout + done.stderr
+    return tmp_path / out / f"flwr-run-{status['run-id']}", done
+
+
 @pytest.fixture(scope="module")
 def local_simulation(flower_env: dict[str, str]) -> dict[str, str]:
     done = run([sys.executable, "-m", "fedcifar_app.ops.local_simulation", "--num-supernodes", "3"],

@@ -15,7 +15,7 @@ from fedcifar_app import task
 from fedcifar_app.data import PartitionScheme, load_partition
 from fedcifar_app.results import (FINAL_MODEL_FILE, LOSS_PLOT_FILE, PARTITIONS_PLOT_FILE,
                                   PLOT_FILE, TIMELINE_FILE, load_results)
-from tests.conftest import flwr_run, mlflow_api, mlflow_server
+from tests.conftest import completed_run_and_output, flwr_run, mlflow_api, mlflow_server
 from tests.test_tracking import tensorboard_series, wandb_series
 
 # Minutes, not seconds (whole flwr run . simulations): `pytest -m "not slow"` skips it.
@@ -25,11 +25,8 @@ pytestmark = pytest.mark.slow
 def completed_run(env: dict[str, str], tiny_dataset: Path, tmp_path: Path, settings: str,
                   out: str = "out", federation_config: str | None = None) -> Path:
     """`flwr run .` on the tiny data with ``settings``; assert it completed; its run folder."""
-    run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
-                  f"output-dir='{tmp_path / out}' {settings}")
-    done, status = flwr_run(env, run_config, federation_config)
-    assert status["status"] == "finished:completed", done.stdout + done.stderr
-    return tmp_path / out / f"flwr-run-{status['run-id']}"
+    return completed_run_and_output(env, tiny_dataset, tmp_path, settings, out,
+                                    federation_config)[0]
 
 
 def test_flwr_run_completes_and_writes_results(local_simulation: dict[str, str],
@@ -214,13 +211,10 @@ def test_a_secure_aggregation_run_completes(local_simulation: dict[str, str],
 def test_a_tracked_run_appears_in_mlflow_tensorboard_and_wandb_with_its_pictures(
         local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
     with mlflow_server(tmp_path / "mlflow") as (url, _):
-        run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
-                      f"output-dir='{tmp_path / 'out'}' num-server-rounds=2 "
-                      "fraction-train=1.0 min-available-nodes=3 local-epochs=1 "
-                      f"tracking='tensorboard,mlflow,wandb' tracking-uri='{url}'")
-        done, status = flwr_run(local_simulation, run_config)
-        assert status["status"] == "finished:completed", done.stdout + done.stderr
-        run_dir = tmp_path / "out" / f"flwr-run-{status['run-id']}"
+        run_dir, done = completed_run_and_output(
+            local_simulation, tiny_dataset, tmp_path,
+            "num-server-rounds=2 fraction-train=1.0 min-available-nodes=3 local-epochs=1 "
+            f"tracking='tensorboard,mlflow,wandb' tracking-uri='{url}'")
         experiment = mlflow_api(url, "experiments/get-by-name",
                                 experiment_name="fedcifar")["experiment"]
         (run,) = mlflow_api(url, "runs/search",

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -298,35 +298,33 @@ def up(nodes: int, name: str = DEFAULT_NAME, tls: bool = False, auth: bool = Fal
                             nodes=nodes, tls=tls, auth=auth, warm_clientapps=warm_clientapps,
                             fast_supernodes=fast_supernodes)
     federation.save()  # from here on, `down` can clean up whatever was started
-    steps = ["SuperLink", *(["Fleet proxy"] if tls else []),
-             *(["warm ClientApps"] if warm_clientapps else []),
-             *(["node data"] if data is not None else []),
-             *[f"SuperNode {i + 1}/{nodes}" for i in range(nodes)]]
+
+    def start_superlink() -> None:
+        _start_superlink(federation)
+        write_connection(federation)
+
+    def split_data() -> None:
+        federation.node_data = [str(p) for p in split_node_data(
+            data, directory / "data", nodes, seed)]
+
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("SuperLink", start_superlink),
+        *([("Fleet proxy", lambda: _start_fleet_proxy(federation))] if tls else []),
+        *([("warm ClientApps", lambda: _start_warm_server(federation))]
+          if warm_clientapps else []),
+        *([("node data", split_data)] if data is not None else []),
+        *[(f"SuperNode {i + 1}/{nodes}", lambda: add_supernode(federation))
+          for i in range(nodes)]]
     # On stderr, so that `up`'s own output (the connection, as JSON with --json) stays clean.
     with tqdm(steps, desc=f"starting '{name}'", unit="step", leave=False) as progress:
         try:
-            for step in progress:
+            for step, start in progress:
                 progress.set_postfix_str(step)
-                _start_step(federation, step, data, seed)
+                start()
         except BaseException:
             down(name)
             raise
     return federation
-
-
-def _start_step(federation: Federation, step: str, data: Path | None, seed: int) -> None:
-    if step == "SuperLink":
-        _start_superlink(federation)
-        write_connection(federation)
-    elif step == "Fleet proxy":
-        _start_fleet_proxy(federation)
-    elif step == "warm ClientApps":
-        _start_warm_server(federation)
-    elif step == "node data":
-        federation.node_data = [str(p) for p in split_node_data(
-            data, federation.path("data"), federation.nodes, seed)]
-    else:
-        add_supernode(federation)
 
 
 def _start_superlink(federation: Federation) -> None:

@@ -19,8 +19,6 @@ from typing import Any, Protocol
 from fedcifar_app.config import TRACKERS, RunConfig
 from fedcifar_app.errors import AnticipatedError
 
-# The Python package each backend needs (all three in the 'tracking' extra).
-PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 EXPERIMENT = "fedcifar"
 # The UIs group series by their name's first '/' part and sort the groups (TensorBoard
 # opens only the first two): "model" (how the model does) before "run" (the rest).
@@ -73,9 +71,9 @@ def grouped(series: str) -> str:
 
 
 def check_installed(config: RunConfig) -> None:
-    """Refuse, before any training, a backend whose package is missing."""
-    missing = [name for name in config.trackers
-               if importlib.util.find_spec(PACKAGES[name]) is None]
+    """Refuse, before any training, a backend whose package (of the same name, in the
+    'tracking' extra) is missing."""
+    missing = [name for name in config.trackers if importlib.util.find_spec(name) is None]
     if missing:
         raise TrackerUnavailableError(
             f"tracking {', '.join(missing)}: not installed here; install the extra with "

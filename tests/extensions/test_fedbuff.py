@@ -20,7 +20,7 @@ from fedcifar_app.extensions.heterogeneity.clock import SimulatedClockGrid
 from fedcifar_app.extensions.heterogeneity.devices import Device
 from fedcifar_app.results import RunRecorder, load_results
 from fedcifar_app.strategies import RunFailedError, load_checkpoint
-from tests.conftest import flwr_run
+from tests.conftest import completed_run_and_output
 from tests.extensions.test_heterogeneity import traces_with_a_sleeper
 
 
@@ -279,13 +279,11 @@ def fedbuff_run(env: dict[str, str], tiny_dataset: Path, tmp_path: Path, out: st
                 settings: str) -> list[dict]:
     """3 FedBuff steps of 2 updates, 2 of the 3 nodes training at once, on the tiny data;
     the steps' entries."""
-    run_config = (f"dataset='{tiny_dataset}' cache-dir='{tmp_path / 'cache'}' "
-                  f"output-dir='{tmp_path / out}' strategy='fedbuff' num-server-rounds=3 "
-                  "fedbuff-concurrency=2 fedbuff-buffer-size=2 local-epochs=1 "
-                  f"min-available-nodes=3 {settings}")
-    done, status = flwr_run(env, run_config)
-    assert status["status"] == "finished:completed", done.stdout + done.stderr
-    return load_results(tmp_path / out / f"flwr-run-{status['run-id']}")["entries"][1:]
+    run_dir, _ = completed_run_and_output(
+        env, tiny_dataset, tmp_path, "strategy='fedbuff' num-server-rounds=3 "
+        f"fedbuff-concurrency=2 fedbuff-buffer-size=2 local-epochs=1 min-available-nodes=3 "
+        f"{settings}", out)
+    return load_results(run_dir)["entries"][1:]
 
 
 @pytest.mark.slow
