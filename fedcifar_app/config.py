@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcifar_app.errors import AnticipatedError
-from fedcifar_app.task import MODELS
+from fedcifar_app.task import BATCHED_CLIENTS, MODELS
 
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "fedmedian",
               "fedtrimmedavg", "krum", "multikrum", "bulyan", "fedbuff")
@@ -168,6 +168,14 @@ class RunConfig:
         0, "Multiplexed mode: SuperNodes that serve the virtual clients, the first ones in "
         "partition order (0: as many as can train at once, the CPUs of the simulation's "
         "Ray cluster; more nodes than that add messages, not speed).", _at_least(0))
+    batched_clients: int = _setting(
+        0, "Multiplexed mode: a node trains up to this many of its clients of a round "
+        "together, in one batched computation (each keeps its own weights, data order, "
+        "augmentation and optimizer state: the same models as one after another, to float "
+        "rounding); it bounds the client copies a node holds at once. 1: one after "
+        "another; 0: the model's default (" + ", ".join(
+            f"{name} {count}" for name, count in BATCHED_CLIENTS.items()) + ").",
+        _at_least(0))
     # --- Evaluation, model, local training ------------------------------------------
     evaluate_every: int = _setting(
         1, "Server-side evaluation on the test split every this many rounds, and after "
@@ -423,6 +431,10 @@ class RunConfig:
                             "simulated clock: set 'devices'")
         if self.strategy == "fedbuff":
             problems += self._fedbuff_inconsistencies()
+        if self.batched_clients and not self.virtual_clients:
+            problems.append("'batched-clients' sets how many virtual clients a node trains "
+                            "together: set 'virtual-clients' too (in per-node mode each "
+                            "node trains one client)")
         if self.virtual_clients and self.min_available_nodes > self.virtual_clients:
             problems.append(f"'min-available-nodes' ({self.min_available_nodes}) counts "
                             "SuperNodes and cannot exceed 'virtual-clients' "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -229,18 +229,71 @@ class TrainingHook:
 def train_client(client: ClientRound, hooks: list[TrainingHook]) -> None:
     """Train ``client.net`` in place: the hooks before, local training, the hooks after.
     With evaluate-in-train, the received model's evaluation rides on the reply."""
-    evaluation = (evaluation_metrics(client.net, client.validation_data, prefix="eval-")
-                  if client.config.evaluate_in_train else {})
+    (failure,) = train_clients([(client, hooks)])
+    if failure is not None:
+        raise failure
+
+
+def train_clients(clients: Sequence[tuple[ClientRound, list[TrainingHook]]]
+                  ) -> list[Exception | None]:
+    """Train several clients' nets in place, each with its hooks: every client's hooks
+    before, their local training together (``task.train_together``: one batched
+    computation, the same result as one after another), every client's hooks after.
+    Return what each client failed with (None where it trained): a client whose
+    hooks raise or whose training diverges is left out, the others go on. Their
+    ``train-seconds`` is the shared training time, split evenly."""
+    failures: list[Exception | None] = [None] * len(clients)
+    ready = []
+    for position, (client, hooks) in enumerate(clients):
+        try:
+            _before_training(client, hooks)
+            ready.append(position)
+        except Exception as err:  # noqa: BLE001 - one client's failure is its own
+            failures[position] = err
+    started = time.perf_counter()
+    try:
+        losses = local_training_together([clients[position][0] for position in ready])
+    except Exception as err:  # noqa: BLE001 - e.g. out of memory: these clients failed
+        for position in ready:
+            failures[position] = err
+        return failures
+    seconds = (time.perf_counter() - started) / max(len(ready), 1)
+    for position, loss in zip(ready, losses, strict=True):
+        client, hooks = clients[position]
+        try:
+            client.metrics.update({"train-loss": task.checked_loss(loss),
+                                   "num-examples": len(client.train_data),
+                                   "train-seconds": seconds})
+            for hook in hooks:
+                hook.after_training(client)
+        except Exception as err:  # noqa: BLE001 - one client's failure is its own
+            failures[position] = err
+    return failures
+
+
+def _before_training(client: ClientRound, hooks: list[TrainingHook]) -> None:
+    if client.config.evaluate_in_train:
+        client.metrics.update(evaluation_metrics(client.net, client.validation_data,
+                                                 prefix="eval-"))
     for hook in hooks:
         hook.before_training(client)
-    started = time.perf_counter()
-    train_loss, client.steps = local_training(client.net, client.train_data, client.config,
-                                              client.instruction, client.client_id,
-                                              client.drift_correction)
-    client.metrics.update({"train-loss": train_loss, "num-examples": len(client.train_data),
-                           "train-seconds": time.perf_counter() - started, **evaluation})
-    for hook in hooks:
-        hook.after_training(client)
+
+
+def local_training_together(clients: Sequence[ClientRound]) -> list[float]:
+    """Train the clients' nets in place, together; return each one's mean loss (not
+    checked: NaN where it diverged) and set its SGD steps."""
+    if not clients:
+        return []
+    config = clients[0].config
+    loaders = [client_loader(c.train_data, config, c.server_round, c.client_id)
+               for c in clients]
+    for client, loader in zip(clients, loaders, strict=True):
+        client.steps = config.local_epochs * len(loader)
+    return task.train_together(
+        [c.net for c in clients], loaders, config.local_epochs, config.learning_rate,
+        config.momentum, config.weight_decay,
+        proximal_mu=_proximal_mu(clients[0].instruction),
+        drift_corrections=[c.drift_correction for c in clients])
 
 
 def local_training(net: torch.nn.Module, data: ImageTensors, config: RunConfig,
@@ -248,19 +301,25 @@ def local_training(net: torch.nn.Module, data: ImageTensors, config: RunConfig,
                    drift_correction: list[torch.Tensor] | None = None) -> tuple[float, int]:
     """Train ``net`` in place; return (mean loss, SGD steps)."""
     server_round = int(msg.content["config"]["server-round"])
-    device = next(net.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(
-        round_seed(config, server_round, client_id))
-    loader = BatchLoader(data, config.batch_size, shuffle=True, augment=config.augment,
-                         generator=generator)
-    loss = task.train(
-        net, loader, config.local_epochs, config.learning_rate, config.momentum,
-        config.weight_decay,
-        # FedProx puts its mu into the round's config; other strategies don't.
-        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
-        drift_correction=drift_correction,
-    )
+    loader = client_loader(data, config, server_round, client_id)
+    loss = task.train(net, loader, config.local_epochs, config.learning_rate,
+                      config.momentum, config.weight_decay,
+                      proximal_mu=_proximal_mu(msg), drift_correction=drift_correction)
     return loss, config.local_epochs * len(loader)
+
+
+def _proximal_mu(msg: Message) -> float:
+    # FedProx puts its mu into the round's config; other strategies don't.
+    return float(msg.content["config"].get("proximal-mu", 0.0))
+
+
+def client_loader(data: ImageTensors, config: RunConfig, server_round: int,
+                  client_id: int) -> BatchLoader:
+    """A client's training batches: shuffled (and augmented) by its own random stream."""
+    generator = torch.Generator(device=data.device).manual_seed(
+        round_seed(config, server_round, client_id))
+    return BatchLoader(data, config.batch_size, shuffle=True, augment=config.augment,
+                       generator=generator)
 
 
 def round_seed(config: RunConfig, server_round: int, client_id: int) -> int:

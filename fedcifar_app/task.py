@@ -57,6 +57,30 @@ class Net(nn.Module):
         x = F.relu(self.fc2(x))
         return self.fc3(x)
 
+    def forward_stacked(self, params: dict[str, torch.Tensor],
+                        images: torch.Tensor) -> torch.Tensor:
+        """``forward`` of K copies of this network at once (see ``ModelStack``):
+        ``params`` holds each parameter stacked K×..., ``images`` is K×B×3×32×32; the
+        logits are K×B×10. The copies' convolutions run as one grouped convolution in
+        channels-last layout and the linear layers as batched matrix products; ReLU
+        comes after max-pooling (they commute), on a quarter of the values. The
+        formulation measured fastest on a CPU (BENCHMARKS.md, section 9)."""
+        clients, batch = images.shape[:2]
+        # Client-major channels: the grouped convolutions' groups are the copies.
+        x = images.transpose(0, 1).reshape(batch, clients * 3, *images.shape[-2:])
+        for conv in ("conv1", "conv2"):
+            weight = params[f"{conv}.weight"]
+            x = F.conv2d(x.contiguous(memory_format=torch.channels_last),
+                         weight.flatten(0, 1).contiguous(memory_format=torch.channels_last),
+                         params[f"{conv}.bias"].flatten(), groups=clients)
+            x = F.relu(self.pool(x))
+        x = x.reshape(batch, clients, -1).transpose(0, 1)  # K×B×400
+        for layer in ("fc1", "fc2", "fc3"):
+            x = torch.baddbmm(params[f"{layer}.bias"].unsqueeze(1), x,
+                              params[f"{layer}.weight"].transpose(1, 2))
+            x = F.relu(x) if layer != "fc3" else x
+        return x
+
 
 def _conv_block(channels_in: int, channels_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False),
@@ -100,6 +124,10 @@ class ResNet9(nn.Module):
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"tutorial-cnn": Net, "resnet9-gn": ResNet9}
+# How many clients' copies of each model a node trains together by default (the run
+# config's batched-clients): the tutorial CNN's tiny convolutions gain from batching;
+# the ResNet's, on a CPU, do not (BENCHMARKS.md, section 9).
+BATCHED_CLIENTS = {"tutorial-cnn": 64, "resnet9-gn": 1}
 
 
 def build_model(name: str) -> nn.Module:
@@ -250,43 +278,179 @@ def train(
     ``drift_correction`` (one tensor per parameter, SCAFFOLD's c - c_i) is
     subtracted, times the learning rate, from the weights after every step.
     ``on_epoch_end`` is called with (epoch, mean loss of that epoch), e.g. to
-    evaluate per epoch.
+    evaluate per epoch. (``train_together`` with one model: the one training loop.)
     """
-    criterion = nn.CrossEntropyLoss()
-    device = next(net.parameters()).device
-    optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=momentum,
-                                weight_decay=weight_decay)
-    global_params = [p.detach().clone() for p in net.parameters()] if proximal_mu > 0 else []
-    net.train()
-    total_loss = torch.zeros((), device=device)
-    num_batches = 0
-    for epoch in range(1, epochs + 1):
-        epoch_loss_before, batches_before = total_loss.clone(), num_batches
-        for images, labels in loader:
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(net(images), labels)
-            if global_params:
-                loss = loss + proximal_mu / 2 * sum(
-                    (p - g).pow(2).sum() for p, g in zip(net.parameters(), global_params))
-            loss.backward()
-            optimizer.step()
-            if drift_correction is not None:
-                # After the step, as NIID-Bench's SCAFFOLD does: outside SGD momentum.
-                with torch.no_grad():
-                    for param, correction in zip(net.parameters(), drift_correction, strict=True):
-                        param.sub_(correction, alpha=learning_rate)
-            # Accumulate as a tensor: .item() every step would force a sync per batch.
-            total_loss += loss.detach()
-            num_batches += 1
-        if on_epoch_end is not None:
-            epoch_batches = max(num_batches - batches_before, 1)
-            on_epoch_end(epoch, ((total_loss - epoch_loss_before) / epoch_batches).item())
-            net.train()  # The callback may have switched to eval mode.
-    mean_loss = (total_loss / max(num_batches, 1)).item()
+    report = None if on_epoch_end is None else (
+        lambda epoch, losses: on_epoch_end(epoch, losses[0]))
+    (mean_loss,) = train_together([net], [loader], epochs, learning_rate, momentum,
+                                  weight_decay, proximal_mu, [drift_correction], report)
+    return checked_loss(mean_loss)
+
+
+def checked_loss(mean_loss: float) -> float:
+    """``mean_loss``, unless training diverged (FloatingPointError)."""
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"training diverged (mean loss {mean_loss}); "
                                  "lower the learning rate")
     return mean_loss
+
+
+def train_together(
+    nets: Sequence[nn.Module],
+    loaders: Sequence[Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    epochs: int,
+    learning_rate: float,
+    momentum: float,
+    weight_decay: float = 0.0,
+    proximal_mu: float = 0.0,
+    drift_corrections: Sequence[Sequence[torch.Tensor] | None] | None = None,
+    on_epoch_end: Callable[[int, list[float]], None] | None = None,
+) -> list[float]:
+    """Train several models of one architecture at once, each on its own loader, as
+    ``train`` trains one (same hyperparameters; ``drift_corrections``: one per model,
+    or None); return each model's mean training loss (NaN or Inf where it diverged:
+    the others are unaffected).
+
+    Each model keeps its own weights, momentum and batches: every step, the models
+    that have a batch left in the epoch take it, in one batched computation per batch
+    size (``ModelStack.step``); the result equals training them one after another, to
+    float rounding. The models must hold their state in parameters (no running
+    statistics) and sit on one device.
+    """
+    stack = ModelStack(nets, learning_rate, momentum, weight_decay, proximal_mu,
+                       drift_corrections)
+    total_loss = torch.zeros(len(nets), device=stack.device)
+    batches = torch.zeros(len(nets), device=stack.device)
+    for epoch in range(1, epochs + 1):
+        epoch_loss_before, batches_before = total_loss.clone(), batches.clone()
+        streams = [iter(loader) for loader in loaders]
+        while True:
+            fetched = [next(stream, None) for stream in streams]
+            groups: dict[int, list[int]] = {}
+            for index, batch in enumerate(fetched):
+                if batch is not None:
+                    groups.setdefault(len(batch[1]), []).append(index)
+            if not groups:
+                break
+            for rows in groups.values():
+                images = torch.stack([fetched[index][0] for index in rows])
+                labels = torch.stack([fetched[index][1] for index in rows])
+                # Accumulate as tensors: .item() every step would force a sync per batch.
+                total_loss[rows] += stack.step(rows, images, labels)
+                batches[rows] += 1
+        if on_epoch_end is not None:
+            stack.write_back(nets)
+            epoch_losses = (total_loss - epoch_loss_before) / (batches - batches_before).clamp(min=1)
+            on_epoch_end(epoch, epoch_losses.tolist())
+            for net in nets:
+                net.train()  # The callback may have switched to eval mode.
+    stack.write_back(nets)
+    return (total_loss / batches.clamp(min=1)).tolist()
+
+
+class ModelStack:
+    """The weights (and SGD momentum) of K models of one architecture, each parameter
+    stacked on a new first dimension, and one SGD step for any subset of them.
+
+    A step's forward pass is the model's ``forward_stacked`` where it has one (a
+    formulation measured faster, see the tutorial CNN's), else ``torch.func.vmap``
+    over ``functional_call``; for one model, its own ``forward``. SGD is
+    ``torch.optim.SGD``'s arithmetic (weight decay into the gradient, then momentum,
+    no dampening), per model; the models are independent, so the gradient of the sum
+    of their losses is each one's own.
+    """
+
+    def __init__(self, nets: Sequence[nn.Module], learning_rate: float, momentum: float,
+                 weight_decay: float, proximal_mu: float,
+                 drift_corrections: Sequence[Sequence[torch.Tensor] | None] | None) -> None:
+        self.template = nets[0]
+        self.names = [name for name, _ in self.template.named_parameters()]
+        self.weights = [torch.stack([p.detach() for p in parameters]) for parameters in
+                        zip(*(net.parameters() for net in nets), strict=True)]
+        self.device = self.weights[0].device
+        self.learning_rate, self.momentum = learning_rate, momentum
+        self.weight_decay, self.proximal_mu = weight_decay, proximal_mu
+        # Zero momentum makes the first step's buffer the gradient, as torch's SGD does.
+        self.momenta = [torch.zeros_like(w) for w in self.weights] if momentum else None
+        self.anchors = [w.clone() for w in self.weights] if proximal_mu > 0 else None
+        self.corrections = _stacked_corrections(drift_corrections, self.weights)
+        self._vmapped = None
+
+    def step(self, rows: list[int], images: torch.Tensor, labels: torch.Tensor
+             ) -> torch.Tensor:
+        """One SGD step of the models ``rows`` on their batches (images K×B×C×H×W,
+        labels K×B); return their losses (K), detached."""
+        everyone = len(rows) == len(self.weights[0])
+        index = None if everyone else torch.tensor(rows, device=self.device)
+
+        def rows_of(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            return tensors if everyone else [t[index] for t in tensors]
+
+        weights = [w.detach().requires_grad_() for w in rows_of(self.weights)]
+        logits = self._forward(weights, images)
+        losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                 reduction="none").view(labels.shape).mean(1)
+        objective = losses.sum()
+        if self.anchors is not None:
+            objective = objective + self.proximal_mu / 2 * sum(
+                (w - a).pow(2).sum() for w, a in zip(weights, rows_of(self.anchors), strict=True))
+        gradients = torch.autograd.grad(objective, weights)
+        momenta = rows_of(self.momenta or [])
+        with torch.no_grad():
+            self._sgd(weights, gradients, momenta, rows_of(self.corrections or []))
+            if not everyone:  # the rows were copies: put them back
+                for stacked, updated in zip(self.weights + (self.momenta or []),
+                                            weights + momenta, strict=True):
+                    stacked[index] = updated
+        return losses.detach()
+
+    def _sgd(self, weights: list[torch.Tensor], gradients: Sequence[torch.Tensor],
+             momenta: list[torch.Tensor], corrections: list[torch.Tensor]) -> None:
+        for position, (weight, gradient) in enumerate(zip(weights, gradients, strict=True)):
+            if self.weight_decay:
+                gradient = gradient.add(weight, alpha=self.weight_decay)
+            if momenta:
+                gradient = momenta[position].mul_(self.momentum).add_(gradient)
+            weight.sub_(gradient, alpha=self.learning_rate)
+            if corrections:
+                # After the step, as NIID-Bench's SCAFFOLD does: outside SGD momentum.
+                weight.sub_(corrections[position], alpha=self.learning_rate)
+
+    def _forward(self, weights: list[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """Logits K×B×classes of the K models whose weights these are."""
+        params = dict(zip(self.names, weights, strict=True))
+        if len(images) == 1:
+            single = {name: w[0] for name, w in params.items()}
+            return torch.func.functional_call(self.template, single, (images[0],)).unsqueeze(0)
+        stacked_forward = getattr(self.template, "forward_stacked", None)
+        if stacked_forward is not None:
+            return stacked_forward(params, images)
+        if self._vmapped is None:
+            self._vmapped = torch.func.vmap(
+                lambda p, x: torch.func.functional_call(self.template, p, (x,)))
+        return self._vmapped(params, images)
+
+    @torch.no_grad()
+    def write_back(self, nets: Sequence[nn.Module]) -> None:
+        """Copy each model's trained weights into its module."""
+        for row, net in enumerate(nets):
+            for param, stacked in zip(net.parameters(), self.weights, strict=True):
+                param.copy_(stacked[row])
+
+
+def _stacked_corrections(drift_corrections: Sequence[Sequence[torch.Tensor] | None] | None,
+                         weights: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """SCAFFOLD's corrections stacked like the weights (zero for a model without one),
+    or None where no model has one."""
+    if not drift_corrections or all(c is None for c in drift_corrections):
+        return None
+    count = len(weights[0])
+    if len(drift_corrections) != count:
+        raise ValueError(f"{len(drift_corrections)} drift corrections for {count} models")
+    return [torch.stack([torch.zeros_like(w[row]) if corrections is None
+                         else corrections[position].to(w.device)
+                         for row, corrections in enumerate(drift_corrections)])
+            for position, w in enumerate(weights)]
 
 
 def scaffold_client_control(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -197,3 +200,61 @@ def test_the_loader_works_where_the_data_is() -> None:
     net = task.build_model("tutorial-cnn").to(device)
     task.train(net, loader, 1, 0.01, 0.9)
     assert all(t.device.type == "cpu" for t in task.cpu_state_dict(net).values())
+
+
+def _clients(sizes: list[int]) -> list[task.ImageTensors]:
+    generator = torch.Generator().manual_seed(3)
+    return [task.ImageTensors(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8,
+                                            generator=generator),
+                              torch.randint(0, 10, (n,), generator=generator))
+            for n in sizes]
+
+
+def _loaders(clients: list[task.ImageTensors]) -> list[BatchLoader]:
+    return [BatchLoader(data, 8, shuffle=True, augment=True,
+                        generator=torch.Generator().manual_seed(index))
+            for index, data in enumerate(clients)]
+
+
+@pytest.mark.parametrize("model", ["tutorial-cnn", "resnet9-gn"])
+def test_training_clients_together_gives_each_the_model_it_trains_alone(model: str) -> None:
+    """Unequal clients (different batch counts and last batches), augmentation,
+    momentum, weight decay, FedProx and SCAFFOLD's correction (one client without):
+    each model after ``train_together`` equals ``train`` on it alone, to float
+    rounding. The tutorial CNN's batched forward is its grouped convolution; the
+    ResNet's is vmap."""
+    torch.manual_seed(0)
+    start = task.build_model(model)
+    clients = _clients([20, 13, 27] if model == "tutorial-cnn" else [9, 5])
+    corrections = [[torch.randn_like(p) * 0.01 for p in start.parameters()]
+                   if index else None for index in range(len(clients))]
+    settings = {"epochs": 2, "learning_rate": 0.05, "momentum": 0.9,
+                "weight_decay": 1e-3, "proximal_mu": 0.1}
+    alone = [copy.deepcopy(start) for _ in clients]
+    alone_losses = [task.train(net, loader, drift_correction=correction, **settings)
+                    for net, loader, correction in zip(alone, _loaders(clients), corrections)]
+    together = [copy.deepcopy(start) for _ in clients]
+    losses = task.train_together(together, _loaders(clients), drift_corrections=corrections,
+                                 **settings)
+    assert losses == pytest.approx(alone_losses, rel=1e-5)
+    for one, other in zip(alone, together):
+        for a, b in zip(one.parameters(), other.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(next(together[0].parameters()), next(together[1].parameters()))
+
+
+def test_a_diverging_client_leaves_the_others_alone() -> None:
+    torch.manual_seed(0)
+    start = task.Net()
+    clients = _clients([16, 16, 16])
+    nets = [copy.deepcopy(start) for _ in clients]
+    alone = copy.deepcopy(start)
+    task.train(alone, _loaders(clients)[2], 1, 0.1, 0.0)
+    with torch.no_grad():
+        next(nets[1].parameters()).fill_(float("inf"))
+    losses = task.train_together(nets, _loaders(clients), 1, 0.1, 0.0)
+    assert math.isnan(losses[1]) and math.isfinite(losses[0]) and math.isfinite(losses[2])
+    for a, b in zip(alone.parameters(), nets[2].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        task.checked_loss(losses[1])

@@ -19,7 +19,7 @@ from fedcifar_app import client_app, node, task
 from fedcifar_app.config import NodeConfigError
 from fedcifar_app.config import RunConfig
 from fedcifar_app.results import RunRecorder, load_results
-from fedcifar_app.extensions import build_strategy, training_grid
+from fedcifar_app.extensions import build_strategy, scaffold, training_grid
 from fedcifar_app.extensions.multiplex.clients import VIRTUAL_CLIENTS, ClientMean
 from fedcifar_app.extensions.multiplex.server import assign
 from fedcifar_app.node import clip_update, non_finite
@@ -95,19 +95,26 @@ def round_entries(results: dict) -> list[dict]:
     return [e for e in results["entries"] if e["round"] > 0]
 
 
-@pytest.mark.parametrize("strategy,folded", [("fedavg", False), ("fedprox", False),
-                                              ("fedavgm", False), ("scaffold", False),
-                                              ("fedavg", True)])
+@pytest.mark.parametrize("strategy,folded,extra", [
+    ("fedavg", False, {}), ("fedprox", False, {}), ("fedavgm", False, {}),
+    ("scaffold", False, {}), ("fedavg", True, {}),
+    # Augmented batches, weight decay, and SCAFFOLD's clients in chunks of two.
+    ("fedprox", False, {"augment": True, "weight-decay": 0.01}),
+    ("scaffold", False, {"augment": True, "batched-clients": 2}),
+    ("fedavg", False, {"batched-clients": 1})])
 def test_a_multiplexed_round_gives_the_per_node_model(
-        strategy: str, folded: bool, tmp_path: Path, tiny_dataset: Path,
+        strategy: str, folded: bool, extra: dict, tmp_path: Path, tiny_dataset: Path,
         server_task_identity: None) -> None:
-    """Six clients as six SuperNodes, or as six virtual clients on two: same draws,
-    same training streams, same global model (and SCAFFOLD's controls follow their
-    clients across rounds on the nodes that keep them); with evaluate-in-train, the
-    same evaluation folded into the training replies."""
-    settings = {"strategy": strategy, "fedprox-mu": 0.1, "evaluate-in-train": folded}
+    """Six clients as six SuperNodes, or as six virtual clients on two, each node
+    training its clients together (batched-clients; 1: one after another): same
+    draws, same training streams, same global model (and SCAFFOLD's controls follow
+    their clients across rounds on the nodes that keep them); with evaluate-in-train,
+    the same evaluation folded into the training replies."""
+    settings = {"strategy": strategy, "fedprox-mu": 0.1, "evaluate-in-train": folded,
+                **extra}
+    per_node_settings = {k: v for k, v in settings.items() if k != "batched-clients"}
     per_node, per_node_results = run_rounds(tmp_path / "per-node", tiny_dataset, CLIENTS,
-                                            **settings)
+                                            **per_node_settings)
     multiplexed, multiplexed_results = run_rounds(
         tmp_path / "multiplexed", tiny_dataset, 2, **{"virtual-clients": CLIENTS}, **settings)
     assert_same_model(per_node, multiplexed)
@@ -145,24 +152,44 @@ def test_robust_aggregators_get_every_update_and_agree_with_per_node_mode(
     assert round_entries(results)[0]["train_nodes"] == list(range(CLIENTS))
 
 
+class Breaks(node.TrainingHook):
+    """A client whose round fails: before training, or by diverging in the middle of
+    the batched computation (an infinite drift correction)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def before_training(self, client: node.ClientRound) -> None:
+        if self.how == "raises":
+            raise RuntimeError(f"client {client.client_id} broke")
+        client.drift_correction = [torch.full_like(p, float("inf"))
+                                   for p in client.net.parameters()]
+
+
+@pytest.mark.parametrize("how", ["raises", "diverges"])
 def test_a_failing_client_costs_only_itself_and_a_failing_node_its_clients(
-        tmp_path: Path, tiny_dataset: Path, server_task_identity: None,
+        how: str, tmp_path: Path, tiny_dataset: Path, server_task_identity: None,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    real_training = node.local_training
+    """Client 2 fails on node 100, which trains clients 0-2 together: only client 2
+    is lost; the others' mean is the one of a run without client 2's failure, less
+    client 2 (checked against per-node mode with client 2's node failing)."""
+    honest = scaffold.training_hooks
 
-    def training(net, data, config, msg, client_id, drift_correction=None):  # noqa: ANN001, ANN202
-        if client_id == 2:
-            raise RuntimeError("client 2 broke")
-        return real_training(net, data, config, msg, client_id, drift_correction)
+    def hooks(config: RunConfig, node_config: dict) -> list[node.TrainingHook]:
+        extra = [Breaks(how)] if node_config.get("partition-id") == 2 else []
+        return honest(config, node_config) + extra
 
-    monkeypatch.setattr(node, "local_training", training)
-    _, results = run_rounds(tmp_path / "one-client", tiny_dataset, 2, rounds=1,
-                            **{"virtual-clients": CLIENTS, "fraction-train": 1.0})
+    monkeypatch.setattr(scaffold, "training_hooks", hooks)
+    multiplexed, results = run_rounds(tmp_path / "one-client", tiny_dataset, 2, rounds=1,
+                                      **{"virtual-clients": CLIENTS, "fraction-train": 1.0})
     (first,) = round_entries(results)
     assert first["train_replies"] == CLIENTS - 1
     assert first["train_failures"] == 1
     assert 2 not in first["train_nodes"]
-    monkeypatch.setattr(node, "local_training", real_training)
+    monkeypatch.setattr(scaffold, "training_hooks", honest)
+    per_node, _ = run_rounds(tmp_path / "per-node", tiny_dataset, CLIENTS, rounds=1,
+                             failing=(102,), **{"fraction-train": 1.0, "round-retries": 0})
+    assert_same_model(per_node, multiplexed)
     # Node 100 serves clients 0-2 (equal contiguous shares); it fails as a whole.
     _, results = run_rounds(tmp_path / "one-node", tiny_dataset, 2, rounds=1,
                             failing=(100,), **{"virtual-clients": CLIENTS,

@@ -1,13 +1,15 @@
 """Multiplexed mode on the node: serve the virtual clients a message lists.
 
-The mod answers a bundle (a message with a ``VIRTUAL_CLIENTS`` record) itself: it trains
-or evaluates the clients one after another on one model, each as its own client (its
-partition, random stream, node state and the extensions' hooks), and replies once for
-all. A client that fails is reported, not fatal to the others.
+The mod answers a bundle (a message with a ``VIRTUAL_CLIENTS`` record) itself, and
+replies once for all. It trains the clients together, ``batched-clients`` at a time
+(``node.train_clients``: one batched computation, each client with its own weights,
+partition, random stream, node state and the extensions' hooks), and evaluates them
+one after another. A client that fails is reported, not fatal to the others.
 """
 
 from __future__ import annotations
 
+import copy
 from logging import WARNING
 
 import torch
@@ -17,13 +19,14 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import log
 
 from fedcifar_app import task
-from fedcifar_app.config import NodeConfigError
+from fedcifar_app.config import NodeConfigError, RunConfig
 from fedcifar_app.data import load_partitions
 from fedcifar_app.extensions.multiplex.clients import (EACH, SEPARATOR, VIRTUAL_CLIENTS,
                                                        ClientMean)
 from fedcifar_app.node import (ClientRound, NodeHooks, StateDict, checked_arrays,
                                client_evaluation, clip_update, node_setup, non_finite,
-                               partition_scheme, train_client, worker_identity)
+                               partition_scheme, train_clients, worker_identity)
+from fedcifar_app.task import ImageTensors
 
 
 def serving_mod(hooks: NodeHooks):  # noqa: ANN201 - a Flower mod
@@ -39,8 +42,8 @@ def serving_mod(hooks: NodeHooks):  # noqa: ANN201 - a Flower mod
 
 
 def serve_virtual_clients(msg: Message, context: Context, hooks: NodeHooks) -> Message:
-    """Train or evaluate, one after another, the virtual clients the message lists,
-    and reply once for all."""
+    """Train (up to ``batched-clients`` at once) or evaluate (one after another) the
+    virtual clients the message lists, and reply once for all."""
     if "data-path" in context.node_config:
         raise NodeConfigError(
             "multiplexed mode ('virtual-clients') needs nodes that hold the whole data set "
@@ -49,56 +52,80 @@ def serve_virtual_clients(msg: Message, context: Context, hooks: NodeHooks) -> M
     config, device = node_setup(context)
     bundle = msg.content[VIRTUAL_CLIENTS]
     clients = [int(c) for c in bundle["partition-ids"]]
-    each = bundle["reply"] == EACH
-    training = msg.metadata.message_type == MessageType.TRAIN
     net = task.build_model(config.model).to(device)
     received = {name: tensor.to(device) for name, tensor in
                 checked_arrays(msg, net.state_dict(), config.model).items()}
     net.load_state_dict(received)
     data = load_partitions(config.dataset, config.cache_root,
                            partition_scheme(config, config.virtual_clients), clients)
-    results = _ServedClients(each)
-    # The bound the server would clip each update to: DP's clipping norm, which the
-    # server sends with DP, else update-norm-bound (0: none).
-    bound = float(msg.content["config"].get("dp-clipping-norm", config.update_norm_bound))
+    served = _ServedClients(bundle["reply"] == EACH,
+                            # The bound the server would clip each update to: DP's
+                            # clipping norm, which the server sends with DP, else
+                            # update-norm-bound (0: none).
+                            float(msg.content["config"].get("dp-clipping-norm",
+                                                            config.update_norm_bound)),
+                            received)
     start = [received[name] for name in net.state_dict()]
-    for client, (train_data, validation_data) in zip(clients, data, strict=True):
-        _reset(net, start)
-        node_config = {**context.node_config, "partition-id": client,
-                       "num-partitions": config.virtual_clients}
-        try:
-            if training:
-                round_ = ClientRound(config, msg, net, train_data.to(device),
-                                     validation_data.to(device), node_config, context.state,
-                                     client_id=client, state_suffix=f"/{client}")
-                train_client(round_, hooks.training(config, node_config))
-                metrics, tensors = round_.metrics, round_.tensors
-            else:
-                metrics, tensors = client_evaluation(net, validation_data.to(device),
-                                                     hooks.evaluation(config)), {}
-        except Exception as err:  # noqa: BLE001 - one client's failure is reported
-            results.failed(client, err)
-            continue
-        # The trained weights as they are (no copy): used before the next client loads.
-        weights = {k: v.detach() for k, v in net.state_dict().items()} if training else None
-        problem = None if each else _client_problem(metrics, weights)
-        if problem is not None:
-            results.rejected(client, problem)
-            continue
-        clipped = (weights is not None and not each and bound > 0
-                   and clip_update(weights, received, bound))
-        results.served(client, metrics, weights, tensors, clipped)
-    content = results.content()
+    if msg.metadata.message_type == MessageType.TRAIN:
+        _train(msg, context, config, hooks, net, start, dict(zip(clients, data, strict=True)),
+               served)
+    else:
+        for client, (_, validation_data) in zip(clients, data, strict=True):
+            _reset(net, start)
+            try:
+                metrics = client_evaluation(net, validation_data.to(device),
+                                            hooks.evaluation(config))
+            except Exception as err:  # noqa: BLE001 - one client's failure is reported
+                served.failed(client, err)
+                continue
+            served.add(client, metrics, None, {})
+    content = served.content()
     content["worker"] = worker_identity()
     return Message(content=content, reply_to=msg)
 
 
+def _train(msg: Message, context: Context, config: RunConfig, hooks: NodeHooks,
+           net: torch.nn.Module, start: list[torch.Tensor],
+           data: dict[int, tuple[ImageTensors, ImageTensors]], served: _ServedClients) -> None:
+    """Train the clients in chunks of ``batched-clients``, each client on a copy of
+    the received model, each with its own round (partition, random stream, node
+    state and the extensions' hooks)."""
+    device = next(net.parameters()).device
+    together = config.batched_clients or task.BATCHED_CLIENTS[config.model]
+    nets = [net] + [copy.deepcopy(net) for _ in range(min(together, len(data)) - 1)]
+    clients = list(data)
+    for first in range(0, len(clients), together):
+        chunk = clients[first:first + together]
+        rounds = []
+        for client, client_net in zip(chunk, nets[:len(chunk)], strict=True):
+            _reset(client_net, start)
+            train_data, validation_data = data[client]
+            node_config = {**context.node_config, "partition-id": client,
+                           "num-partitions": config.virtual_clients}
+            rounds.append((ClientRound(config, msg, client_net, train_data.to(device),
+                                       validation_data.to(device), node_config,
+                                       context.state, client_id=client,
+                                       state_suffix=f"/{client}"),
+                           hooks.training(config, node_config)))
+        for (round_, _), failure in zip(rounds, train_clients(rounds), strict=True):
+            if failure is not None:
+                served.failed(round_.client_id, failure)
+                continue
+            # The trained weights as they are (no copy): used before the net is reset.
+            weights = {k: v.detach() for k, v in round_.net.state_dict().items()}
+            served.add(round_.client_id, round_.metrics, weights, round_.tensors)
+
+
 class _ServedClients:
     """One multiplexed reply in the making: what became of each client, and their
-    mean result (or, with ``each``, every client's result)."""
+    mean result (or, with ``each``, every client's result). A result joins the mean
+    after the server's per-update checks, its update clipped to ``bound`` (0: none)
+    around ``received``."""
 
-    def __init__(self, each: bool) -> None:
+    def __init__(self, each: bool, bound: float, received: StateDict) -> None:
         self.each = each
+        self.bound = bound
+        self.received = received
         self.mean = ClientMean(weight_key=None)  # as the clients' metrics say
         self.records = RecordDict()
         self.outcome: dict[str, list] = {"served": [], "failed": [], "failure-reasons": [],
@@ -111,12 +138,16 @@ class _ServedClients:
         self.outcome["failed"].append(client)
         self.outcome["failure-reasons"].append(f"{type(err).__name__}: {err}")
 
-    def rejected(self, client: int, problem: str) -> None:
-        log(WARNING, "virtual client %d: dropped its result: %s", client, problem)
-        self.outcome["rejected"].append(client)
-
-    def served(self, client: int, metrics: dict[str, float], weights: StateDict | None,
-               tensors: dict[str, StateDict], clipped: bool) -> None:
+    def add(self, client: int, metrics: dict[str, float], weights: StateDict | None,
+            tensors: dict[str, StateDict]) -> None:
+        """A client's result (weights None: an evaluation)."""
+        problem = None if self.each else _client_problem(metrics, weights)
+        if problem is not None:
+            log(WARNING, "virtual client %d: dropped its result: %s", client, problem)
+            self.outcome["rejected"].append(client)
+            return
+        clipped = (weights is not None and not self.each and self.bound > 0
+                   and clip_update(weights, self.received, self.bound))
         self.outcome["served"].append(client)
         self.clipped += int(clipped)
         self.train_seconds += float(metrics.get("train-seconds", 0.0))
