@@ -27,9 +27,18 @@ Shorter waits in the deployment runtime, for the processes fedcifar starts:
   which only look into the node's own memory while a message is in flight, to
   ``BUSY_PAUSE`` (used by ``fedcifar_app.ops.fast_supernode``).
 
-Both change Flower's functions in the calling process only: the ServerApp applies
-the first to itself (the one patch the apps run), the warm ClientApp server to the
-ClientApps it forks, and the fast SuperNode both to itself. (The measurements are in
+* **the simulation engine's 0.1 s poll** (``add_messages_to_queue`` in
+  ``flwr/server/superlink/fleet/vce/vce_api.py``): the engine looks for the
+  ServerApp's new messages every 0.1 s, which costs a multiplexed cross-device round
+  about 50 ms on average, a sixth of it. ``shorten_simulation_poll`` swaps in the
+  same loop waiting ``SIMULATION_POLL`` seconds, or nine times as long as a look
+  over all nodes took (so looking takes at most a tenth of a core with thousands of
+  nodes), at most Flower's 0.1 s.
+
+All change Flower's functions in the calling process only: the ServerApp applies
+the first and (in a simulation, whose engine runs in the ServerApp's process) the
+last to itself, the warm ClientApp server the first to the ClientApps it forks, and
+the fast SuperNode the first two to itself. (The measurements are in
 BENCHMARKS.md.) Nothing heavy is imported at the top: the warm ClientApp shim imports
 this module on every message.
 """
@@ -42,7 +51,7 @@ import time
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
-from logging import WARNING
+from logging import INFO, WARNING
 
 PULL_BACKOFF = 0.02
 PULL_BACKOFF_CAP = 0.5
@@ -98,6 +107,66 @@ def cap_supernode_pauses(pause: float) -> None:
                          "(flwr.supernode.start_client_internal) does not use the time "
                          "module as flwr 1.42 does; run flower-supernode instead")
     start_client_internal.time = capped_time(pause)
+
+
+SIMULATION_POLL = 0.002
+FLOWER_SIMULATION_POLL = 0.1  # flwr 1.42's literal in add_messages_to_queue
+_VCE_MODULE = "flwr.server.superlink.fleet.vce.vce_api"
+
+
+def shorten_simulation_poll() -> bool:
+    """In a simulation's process, make the engine look for new messages every
+    SIMULATION_POLL seconds (see the module docstring); return whether it now does.
+    Elsewhere (a deployment's ServerApp: no engine loaded) it does nothing. Where this
+    flwr's engine does not look as 1.42's does, or started looking before this call,
+    it logs why and leaves Flower's poll."""
+    import sys
+    import threading
+
+    from flwr.common import log
+
+    vce_api = sys.modules.get(_VCE_MODULE)
+    if vce_api is None:
+        return False
+    original = getattr(vce_api, "add_messages_to_queue", None)
+    if original is _polling_sooner:
+        return True
+    problem = _simulation_poll_problem(vce_api, original)
+    if problem is None and any(getattr(t, "_target", None) is original
+                               for t in threading.enumerate()):
+        problem = "the engine started looking before the ServerApp could change it"
+    if problem is not None:
+        log(WARNING, "[fedcifar] the simulation engine's 0.1 s poll is left as it is: %s",
+            problem)
+        return False
+    vce_api.add_messages_to_queue = _polling_sooner
+    log(INFO, "[fedcifar] the simulation engine looks for messages every %g s (Flower: %g s)",
+        SIMULATION_POLL, FLOWER_SIMULATION_POLL)
+    return True
+
+
+def _simulation_poll_problem(vce_api: types.ModuleType, original: object) -> str | None:
+    import inspect
+
+    if original is None or "add_messages_to_queue" not in vce_api.run_api.__code__.co_names:
+        return "this flwr's engine has no add_messages_to_queue used by run_api"
+    parameters = list(inspect.signature(original).parameters)
+    if parameters != ["state", "queue", "nodes_mapping", "f_stop"]:
+        return f"add_messages_to_queue takes {parameters}, not flwr 1.42's"
+    if FLOWER_SIMULATION_POLL not in original.__code__.co_consts:
+        return "add_messages_to_queue no longer waits flwr 1.42's 0.1 s"
+    return None
+
+
+def _polling_sooner(state, queue, nodes_mapping, f_stop) -> None:  # noqa: ANN001 - flwr's
+    """flwr 1.42's ``add_messages_to_queue``, waiting less between looks."""
+    while not f_stop.is_set():
+        started = time.perf_counter()
+        for node_id in nodes_mapping.keys():
+            for message in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(message)
+        looked = time.perf_counter() - started
+        f_stop.wait(min(FLOWER_SIMULATION_POLL, max(SIMULATION_POLL, 9 * looked)))
 
 
 # --- The version this module was written against -------------------------------------

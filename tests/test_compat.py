@@ -183,3 +183,93 @@ def test_an_anticipated_error_is_reported_in_one_line_and_flowers_report_dropped
 @pytest.mark.parametrize("name", sorted(compat._FROM_FLOWER))
 def test_each_name_taken_from_flowers_internals_is_there(name):
     assert getattr(compat, name) is not None
+
+
+@pytest.fixture
+def engine_module(monkeypatch):
+    """flwr 1.42's simulation engine module, restored afterwards."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    return vce_api
+
+
+class _CountingStop:
+    """The engine's stop event: records each wait, and stops after ``looks`` looks."""
+
+    def __init__(self, looks: int) -> None:
+        self.looks = looks
+        self.waits: list[float] = []
+
+    def is_set(self) -> bool:
+        return len(self.waits) >= self.looks
+
+    def wait(self, timeout: float) -> None:
+        self.waits.append(timeout)
+
+
+class _LinkState:
+    def __init__(self, pending: dict[int, list[str]], seconds_per_look: float = 0.0) -> None:
+        self.pending = pending
+        self.seconds_per_look = seconds_per_look
+
+    def get_message_ins(self, node_id: int, limit: int) -> list[str]:
+        time.sleep(self.seconds_per_look)
+        messages, self.pending[node_id] = self.pending[node_id][:limit], \
+            self.pending[node_id][limit:]
+        return messages
+
+
+def test_the_simulation_engine_looks_for_messages_sooner(engine_module, caplog):
+    from queue import Queue
+
+    original = engine_module.add_messages_to_queue
+    stop = _CountingStop(looks=3)
+    queue: Queue = Queue()
+    original(_LinkState({1: ["a"], 2: []}), queue, {1: 0, 2: 1}, stop)
+    assert stop.waits == [compat.FLOWER_SIMULATION_POLL] * 3  # what is being replaced
+    assert compat.shorten_simulation_poll()
+    assert engine_module.add_messages_to_queue is not original
+    assert "looks for messages every" in caplog.text
+    stop = _CountingStop(looks=3)
+    engine_module.add_messages_to_queue(_LinkState({1: ["a", "b"], 2: ["c"]}), queue,
+                                        {1: 0, 2: 1}, stop)
+    assert stop.waits == [compat.SIMULATION_POLL] * 3
+    assert [queue.get_nowait() for _ in range(4)] == ["a", "a", "c", "b"]
+    # Thousands of nodes: looking takes long, so it waits nine times as long (<= 0.1 s).
+    stop = _CountingStop(looks=1)
+    engine_module.add_messages_to_queue(_LinkState({1: []}, seconds_per_look=0.005), queue,
+                                        {1: 0}, stop)
+    assert 0.045 <= stop.waits[0] <= compat.FLOWER_SIMULATION_POLL
+    assert compat.shorten_simulation_poll()  # a second call keeps it
+
+
+def test_an_engine_that_already_looks_or_looks_otherwise_is_left_alone(engine_module,
+                                                                          monkeypatch, caplog):
+    import threading
+
+    original = engine_module.add_messages_to_queue
+    stop = threading.Event()
+    looking = threading.Thread(target=original, args=(_LinkState({}), None, {}, stop))
+    looking.start()
+    try:
+        assert not compat.shorten_simulation_poll()
+        assert "started looking before" in caplog.text
+        assert engine_module.add_messages_to_queue is original
+    finally:
+        stop.set()
+        looking.join()
+
+    def other(state, queue, nodes, stop, interval=0.1):  # noqa: ANN001, ANN202
+        return None
+
+    monkeypatch.setattr(engine_module, "add_messages_to_queue", other)
+    assert not compat.shorten_simulation_poll()
+    assert "not flwr 1.42's" in caplog.text
+    assert engine_module.add_messages_to_queue is other
+
+
+def test_outside_a_simulation_the_engine_is_not_loaded(monkeypatch):
+    monkeypatch.delitem(sys.modules, "flwr.server.superlink.fleet.vce.vce_api", raising=False)
+    assert not compat.shorten_simulation_poll()
+    assert "flwr.server.superlink.fleet.vce.vce_api" not in sys.modules
