@@ -65,9 +65,11 @@ class Net(nn.Module):
         channels-last layout and the linear layers as batched matrix products; ReLU
         comes after max-pooling (they commute), on a quarter of the values. The
         formulation measured fastest on a CPU (BENCHMARKS.md, section 9)."""
-        clients, batch = images.shape[:2]
-        # Client-major channels: the grouped convolutions' groups are the copies.
-        x = images.transpose(0, 1).reshape(batch, clients * 3, *images.shape[-2:])
+        clients, batch, channels, height, width = images.shape
+        # Client-major channels (the grouped convolutions' groups are the copies), laid
+        # out channels-last in the one copy that reorders them.
+        x = images.permute(1, 3, 4, 0, 2).reshape(batch, height, width, clients * channels
+                                                  ).permute(0, 3, 1, 2)
         for conv in ("conv1", "conv2"):
             weight = params[f"{conv}.weight"]
             x = F.conv2d(x.contiguous(memory_format=torch.channels_last),

@@ -187,20 +187,53 @@ def test_a_cut_off_run_resumes_unless_it_cannot(tmp_path: Path, monkeypatch) -> 
 
 def test_cross_device(local_simulation: dict[str, str], tiny_dataset: Path,
                       tmp_path: Path) -> None:
+    """Every part but pfl-research's (see the next test), two alternating cycles of
+    the compared ones, the summary's ratios."""
     benchmark("cross_device", local_simulation, *data_args(tiny_dataset, tmp_path),
               "--users", "8", "--cohort", "4", "--rounds", "3", "--bare-rounds", "1",
-              "--large-users", "40", "--large-cohort", "8", "--large-rounds", "3")
+              "--cycles", "2", "--training-repeats", "1",
+              "--large-users", "40", "--large-cohort", "8", "--large-rounds", "3",
+              "--parts", "training", "bare", "multiplexed", "multiplexed-sequential",
+              "per-node", "large")
     report = json.loads((tmp_path / "results" / "cross_device.json").read_text())
-    parts = report["parts"]
-    assert [(b["threads"], b["processes"]) for b in parts["bare"]] == [(1, 1), (2, 1), (1, 2)]
-    assert all(b["samples_per_s"] > 0 for b in parts["bare"])
-    for name, cohort in (("multiplexed", 4), ("per-node", 4), ("large", 8)):
-        assert parts[name]["trained_per_round"] == cohort, name
-        assert parts[name]["s_per_round"] > 0 and parts[name]["peak_rss_gib"] > 0
-    assert parts["multiplexed"]["supernodes"] == os.cpu_count()
-    assert parts["per-node"]["supernodes"] == 8
+    runs = report["runs"]
+    assert [len(runs[part]) for part in ("training", "bare", "multiplexed",
+                                         "multiplexed-sequential", "per-node", "large")] \
+        == [1, 2, 2, 2, 1, 1]
+    assert [(t["model"], t["threads"]) for t in runs["training"][0]] == [
+        ("tutorial-cnn", 1), ("tutorial-cnn", 2), ("resnet9-gn", 1), ("resnet9-gn", 2)]
+    assert all(t["speedup"] > 0 for t in runs["training"][0])
+    assert [(b["threads"], b["processes"]) for b in runs["bare"][0]] == [(1, 1), (2, 1), (1, 2)]
+    assert all(b["samples_per_s"] > 0 for b in runs["bare"][1])
+    for name, cohort in (("multiplexed", 4), ("multiplexed-sequential", 4), ("per-node", 4),
+                         ("large", 8)):
+        assert runs[name][-1]["trained_per_round"] == cohort, name
+        assert runs[name][-1]["s_per_round"] > 0 and runs[name][-1]["peak_rss_gib"] > 0
+    assert runs["multiplexed"][0]["supernodes"] == os.cpu_count()
+    assert runs["per-node"][0]["supernodes"] == 8
     # Evaluated at the start and after the last round (evaluate-every 100).
-    assert sorted(parts["multiplexed"]["test_accuracy"]) == ["0", "3"]
+    assert sorted(runs["multiplexed"][0]["test_accuracy"]) == ["0", "3"]
+    # Batched or not, the same model: the same accuracy.
+    assert runs["multiplexed"][0]["test_accuracy"] == \
+        runs["multiplexed-sequential"][0]["test_accuracy"]
+    summary = report["summary"]
+    assert summary["multiplexed"]["cycles"] == 2 and summary["bare 2x1"]["cycles"] == 2
+    assert summary["multiplexed"]["ratio_to_pfl_best"] is None  # pfl did not run
+
+
+def test_pfl_research_runs_the_same_workload(tiny_dataset: Path, tmp_path: Path) -> None:
+    """benchmarks/peers/pfl_cross_device.py, where pfl[pytorch] is installed (the
+    'pfl' extra; CI does not install it)."""
+    pytest.importorskip("pfl")
+    out = tmp_path / "pfl.json"
+    done = run([sys.executable, str(ROOT / "benchmarks" / "peers" / "pfl_cross_device.py"),
+                "--dataset", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache"),
+                "--out", str(out), "--users", "8", "--cohort", "4", "--rounds", "4",
+                "--evaluate-every", "2"], dict(os.environ))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["processes"] == 1 and result["s_per_round"] > 0
+    assert sorted(result["test_accuracy"]) == ["2", "4"]
 
 
 def test_privacy(local_simulation: dict[str, str], tiny_dataset: Path, tmp_path: Path) -> None:
