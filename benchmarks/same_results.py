@@ -11,7 +11,8 @@ epsilon history must not. Each ``run`` restarts this user's local SuperLink with
 simulation's Ray workers import fedcifar_app by name, from wherever the SuperLink that
 started them found it, so a SuperLink left from another checkout would run that one.
 ``compare`` prints, per configuration, whether the per-round entries are identical once
-what measures time or names a host is left out, and the first difference otherwise.
+what measures time or names a host is left out (or, with ``--rtol``, equal within that
+relative tolerance, with the largest difference), and the first difference otherwise.
 """
 
 from __future__ import annotations
@@ -85,7 +86,25 @@ def run(args: argparse.Namespace) -> None:
         print(f"{name}: {wall:.0f} s, {target}", flush=True)
 
 
-def compare(before: Path, after: Path) -> int:
+def largest_difference(old: Any, new: Any) -> float:
+    """The largest relative difference between two results' numbers (inf where their
+    structure or anything that is not a number differs)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        if old.keys() != new.keys():
+            return float("inf")
+        return max((largest_difference(old[k], new[k]) for k in old), default=0.0)
+    if isinstance(old, list) and isinstance(new, list):
+        if len(old) != len(new):
+            return float("inf")
+        return max((largest_difference(a, b) for a, b in zip(old, new, strict=True)),
+                   default=0.0)
+    if isinstance(old, float | int) and isinstance(new, float | int) \
+            and not isinstance(old, bool):
+        return abs(old - new) / max(abs(old), abs(new)) if old != new else 0.0
+    return 0.0 if old == new else float("inf")
+
+
+def compare(before: Path, after: Path, rtol: float = 0.0) -> int:
     differing = 0
     for name in CONFIGS:
         paths = before / name / "results.json", after / name / "results.json"
@@ -96,6 +115,11 @@ def compare(before: Path, after: Path) -> int:
         old, new = (comparable(name, json.loads(p.read_text())) for p in paths)
         if old == new:
             print(f"{name}: identical ({len(old)} entries)")
+            continue
+        difference = largest_difference(old, new)
+        if difference <= rtol:
+            print(f"{name}: equal within rtol {rtol:g} ({len(old)} entries; largest "
+                  f"relative difference {difference:.2g})")
             continue
         differing += 1
         first = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), None)
@@ -117,11 +141,14 @@ def main() -> None:
     compare_parser = commands.add_parser("compare", help="compare two run folders")
     compare_parser.add_argument("before", type=Path)
     compare_parser.add_argument("after", type=Path)
+    compare_parser.add_argument("--rtol", type=float, default=0.0,
+                                help="numbers may differ by this relative amount (float "
+                                     "rounding of another formulation; default 0: identical)")
     args = parser.parse_args()
     if args.command == "run":
         run(args)
     else:
-        sys.exit(1 if compare(args.before, args.after) else 0)
+        sys.exit(1 if compare(args.before, args.after, args.rtol) else 0)
 
 
 if __name__ == "__main__":

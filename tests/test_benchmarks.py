@@ -279,3 +279,25 @@ def test_heterogeneity(local_simulation: dict[str, str], tiny_dataset: Path,
     benchmark("figures", local_simulation, "--results", str(tmp_path / "results"),
               "--out", str(figures))
     assert (figures / "heterogeneity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_same_results_compares_exactly_or_within_a_tolerance(tmp_path: Path, monkeypatch,
+                                                           capsys) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import same_results
+
+    entries = [{"round": 1, "test_accuracy": 0.5, "train_seconds": 3.0, "train_nodes": [4]}]
+    moved = [{"round": 1, "test_accuracy": 0.5 * (1 + 1e-6), "train_seconds": 9.0,
+              "train_nodes": [4]}]
+    for folder, runs in (("before", entries), ("after", moved)):
+        for name in same_results.CONFIGS:
+            (tmp_path / folder / name).mkdir(parents=True)
+            (tmp_path / folder / name / "results.json").write_text(
+                json.dumps({"entries": runs}))
+    # Times are left out; a number that moved by 1e-6 differs, unless within rtol.
+    assert same_results.compare(tmp_path / "before", tmp_path / "after") == \
+        len(same_results.CONFIGS) - 1  # the DP run compares its accounting only
+    assert same_results.compare(tmp_path / "before", tmp_path / "after", rtol=1e-5) == 0
+    assert "largest relative difference 1e-06" in capsys.readouterr().out
+    assert same_results.largest_difference([{"a": 1}], [{"a": 1}, {"a": 1}]) == float("inf")
+    assert same_results.largest_difference({"a": "x"}, {"a": "y"}) == float("inf")
