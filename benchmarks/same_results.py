@@ -40,7 +40,9 @@ CONFIGS = {
 }
 # What depends on the machine's speed or name, not on the computation.
 VARYING = ("seconds", "elapsed", "workers", "started", "finished", "run_id", "output",
-           "dir", "checkpoint")
+           "dir", "checkpoint",
+           # each training job's timeline: when it was sent and arrived, in arrival order
+           "jobs")
 # A DP run's numbers depend on its private noise; its accounting does not.
 DP_KEPT = ("round", "dp_epsilon", "dp_delta", "dp_clipping_norm", "dp_noise_std")
 

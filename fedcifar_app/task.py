@@ -335,11 +335,15 @@ def train_together(
             if not groups:
                 break
             for rows in groups.values():
-                images = torch.stack([fetched[index][0] for index in rows])
-                labels = torch.stack([fetched[index][1] for index in rows])
+                images, labels = _stacked([fetched[index] for index in rows])
+                losses = stack.step(rows, images, labels)
                 # Accumulate as tensors: .item() every step would force a sync per batch.
-                total_loss[rows] += stack.step(rows, images, labels)
-                batches[rows] += 1
+                if len(rows) == len(nets):
+                    total_loss += losses
+                    batches += 1
+                else:
+                    total_loss[rows] += losses
+                    batches[rows] += 1
         if on_epoch_end is not None:
             stack.write_back(nets)
             epoch_losses = (total_loss - epoch_loss_before) / (batches - batches_before).clamp(min=1)
@@ -348,6 +352,15 @@ def train_together(
                 net.train()  # The callback may have switched to eval mode.
     stack.write_back(nets)
     return (total_loss / batches.clamp(min=1)).tolist()
+
+
+def _stacked(batches: list[tuple[torch.Tensor, torch.Tensor]]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K batches of one size as K×B×... images and K×B labels (one: a view, no copy)."""
+    if len(batches) == 1:
+        return batches[0][0].unsqueeze(0), batches[0][1].unsqueeze(0)
+    return (torch.stack([images for images, _ in batches]),
+            torch.stack([labels for _, labels in batches]))
 
 
 class ModelStack:
@@ -367,8 +380,12 @@ class ModelStack:
                  drift_corrections: Sequence[Sequence[torch.Tensor] | None] | None) -> None:
         self.template = nets[0]
         self.names = [name for name, _ in self.template.named_parameters()]
-        self.weights = [torch.stack([p.detach() for p in parameters]) for parameters in
-                        zip(*(net.parameters() for net in nets), strict=True)]
+        # One model trains in place, in its own parameters: no copies, its own forward.
+        self.single = len(nets) == 1
+        self.weights = ([p.detach().unsqueeze(0) for p in self.template.parameters()]
+                        if self.single else
+                        [torch.stack([p.detach() for p in parameters]) for parameters in
+                         zip(*(net.parameters() for net in nets), strict=True)])
         self.device = self.weights[0].device
         self.learning_rate, self.momentum = learning_rate, momentum
         self.weight_decay, self.proximal_mu = weight_decay, proximal_mu
@@ -386,9 +403,12 @@ class ModelStack:
         index = None if everyone else torch.tensor(rows, device=self.device)
 
         def rows_of(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            if self.single:
+                return [t[0] for t in tensors]
             return tensors if everyone else [t[index] for t in tensors]
 
-        weights = [w.detach().requires_grad_() for w in rows_of(self.weights)]
+        weights = (list(self.template.parameters()) if self.single
+                   else [w.detach().requires_grad_() for w in rows_of(self.weights)])
         logits = self._forward(weights, images)
         losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
                                  reduction="none").view(labels.shape).mean(1)
@@ -420,6 +440,8 @@ class ModelStack:
 
     def _forward(self, weights: list[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         """Logits K×B×classes of the K models whose weights these are."""
+        if self.single:
+            return self.template(images[0]).unsqueeze(0)
         params = dict(zip(self.names, weights, strict=True))
         if len(images) == 1:
             single = {name: w[0] for name, w in params.items()}
@@ -434,7 +456,9 @@ class ModelStack:
 
     @torch.no_grad()
     def write_back(self, nets: Sequence[nn.Module]) -> None:
-        """Copy each model's trained weights into its module."""
+        """Copy each model's trained weights into its module (one model's are its own)."""
+        if self.single:
+            return
         for row, net in enumerate(nets):
             for param, stacked in zip(net.parameters(), self.weights, strict=True):
                 param.copy_(stacked[row])
