@@ -323,6 +323,8 @@ def train_together(
                        drift_corrections)
     total_loss = torch.zeros(len(nets), device=stack.device)
     batches = torch.zeros(len(nets), device=stack.device)
+    for net in nets:
+        net.train()
     for epoch in range(1, epochs + 1):
         epoch_loss_before, batches_before = total_loss.clone(), batches.clone()
         streams = [iter(loader) for loader in loaders]
@@ -346,8 +348,8 @@ def train_together(
                     batches[rows] += 1
         if on_epoch_end is not None:
             stack.write_back(nets)
-            epoch_losses = (total_loss - epoch_loss_before) / (batches - batches_before).clamp(min=1)
-            on_epoch_end(epoch, epoch_losses.tolist())
+            epoch_batches = (batches - batches_before).clamp(min=1)
+            on_epoch_end(epoch, ((total_loss - epoch_loss_before) / epoch_batches).tolist())
             for net in nets:
                 net.train()  # The callback may have switched to eval mode.
     stack.write_back(nets)
@@ -415,7 +417,8 @@ class ModelStack:
         objective = losses.sum()
         if self.anchors is not None:
             objective = objective + self.proximal_mu / 2 * sum(
-                (w - a).pow(2).sum() for w, a in zip(weights, rows_of(self.anchors), strict=True))
+                (w - a).pow(2).sum()
+                for w, a in zip(weights, rows_of(self.anchors), strict=True))
         gradients = torch.autograd.grad(objective, weights)
         momenta = rows_of(self.momenta or [])
         with torch.no_grad():
