@@ -14,7 +14,8 @@ augmentation, no client-side evaluation. Parts:
 * ``training``: local training alone, in this process: a node's clients trained
   together (``task.train_together``, batched) against one after another
   (``task.train``), clients per second, for the tutorial CNN (25 users, as a
-  SuperNode gets here) and the ResNet-9-GN (4 users), at 1 and 2 threads;
+  SuperNode gets here) and the ResNet-9-GN (4 users), at 1 and 2 threads, on
+  ``--device`` (default cpu; on a GPU the thread count does not matter);
 * ``bare``: the same rounds with no federation at all, a plain PyTorch loop over
   the cohort's 2,500 images (no loader, no metrics): one process with 1 thread,
   with 2 threads, and two processes of 1 thread each training half the cohort (the
@@ -167,7 +168,8 @@ def bare_loop(args: argparse.Namespace, threads: int, processes: int) -> dict:
 def training(args: argparse.Namespace) -> list[dict]:
     """Clients per second of a node's local training, batched and one after another,
     alternating (``--training-repeats`` times each), per model and thread count."""
-    users = _user_data(args)
+    device = task.resolve_device(args.device)
+    users = [data.to(device) for data in _user_data(args)]
     results = []
     for model, clients in (("tutorial-cnn", 25), ("resnet9-gn", 4)):
         for threads in (1, 2):
@@ -179,6 +181,7 @@ def training(args: argparse.Namespace) -> list[dict]:
                                                            way == "together"))
             seconds = {way: statistics.median(t) for way, t in times.items()}
             results.append({"model": model, "clients": clients, "threads": threads,
+                            "device": str(device),
                             "images_per_client": len(users[0]),
                             **{f"clients_per_s_{way.replace(' ', '_')}": clients / t
                                for way, t in seconds.items()},
@@ -190,10 +193,11 @@ def training(args: argparse.Namespace) -> list[dict]:
 def _time_local_training(model: str, users: list[task.ImageTensors], together: bool) -> float:
     """Seconds to train each user's copy of a fresh model for one epoch, as a node does
     (its own shuffling stream, batch BATCH, SGD lr LEARNING_RATE)."""
-    start = task.build_model(model)
+    device = users[0].device
+    start = task.build_model(model).to(device)
     nets = [copy.deepcopy(start) for _ in users]
     loaders = [task.BatchLoader(data, BATCH, shuffle=True,
-                                generator=torch.Generator().manual_seed(index))
+                                generator=torch.Generator(device=device).manual_seed(index))
                for index, data in enumerate(users)]
     started = time.perf_counter()
     if together:
@@ -201,6 +205,8 @@ def _time_local_training(model: str, users: list[task.ImageTensors], together: b
     else:
         for net, loader in zip(nets, loaders, strict=True):
             task.train(net, loader, 1, LEARNING_RATE, 0.0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - started
 
 
@@ -301,6 +307,8 @@ def main() -> None:
     parser.add_argument("--bare-rounds", type=int, default=20,
                         help="timed rounds of each bare loop, after two warm-up rounds")
     parser.add_argument("--training-repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu",
+                        help="where the training part trains (cpu, cuda, ...; default cpu)")
     parser.add_argument("--pfl-python", default=sys.executable,
                         help="a Python with pfl[pytorch] installed (default: this one)")
     parser.add_argument("--large-users", type=int, default=10_000)
