@@ -30,10 +30,13 @@ Shorter waits in the deployment runtime, for the processes fedcifar starts:
 * **the simulation engine's 0.1 s poll** (``add_messages_to_queue`` in
   ``flwr/server/superlink/fleet/vce/vce_api.py``): the engine looks for the
   ServerApp's new messages every 0.1 s, which costs a multiplexed cross-device round
-  about 50 ms on average, a sixth of it. ``shorten_simulation_poll`` swaps in the
-  same loop waiting ``SIMULATION_POLL`` seconds, or nine times as long as a look
-  over all nodes took (so looking takes at most a tenth of a core with thousands of
-  nodes), at most Flower's 0.1 s.
+  about 50 ms on average, a sixth of it; and the ServerApp can only poll for the
+  replies. ``wake_simulation_engine`` swaps in the same loop, woken as soon as the
+  ServerApp stores a message in the engine's LinkState (else every 0.1 s, as
+  Flower), and hands back an event set whenever a reply is stored, which
+  ``RecoveringGrid`` waits on instead of polling. Short polls would cost more than the
+  wait they save: each wakes a thread that takes a core from a training node
+  (BENCHMARKS.md, section 9).
 
 All change Flower's functions in the calling process only: the ServerApp applies
 the first and (in a simulation, whose engine runs in the ServerApp's process) the
@@ -109,17 +112,55 @@ def cap_supernode_pauses(pause: float) -> None:
     start_client_internal.time = capped_time(pause)
 
 
-SIMULATION_POLL = 0.002
 FLOWER_SIMULATION_POLL = 0.1  # flwr 1.42's literal in add_messages_to_queue
 _VCE_MODULE = "flwr.server.superlink.fleet.vce.vce_api"
 
 
-def shorten_simulation_poll() -> bool:
-    """In a simulation's process, make the engine look for new messages every
-    SIMULATION_POLL seconds (see the module docstring); return whether it now does.
-    Elsewhere (a deployment's ServerApp: no engine loaded) it does nothing. Where this
-    flwr's engine does not look as 1.42's does, or started looking before this call,
-    it logs why and leaves Flower's poll."""
+class SimulationWakeups:
+    """What ``wake_simulation_engine`` puts in the engine's place: its look for new
+    messages (``look_for_messages``, flwr 1.42's ``add_messages_to_queue`` woken by
+    ``instructions``) and ``replies``, set whenever the engine stores a reply."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.instructions = threading.Event()
+        self.replies = threading.Event()
+
+    def look_for_messages(self, state, queue, nodes_mapping,  # noqa: ANN001 - flwr's
+                          f_stop) -> None:  # noqa: ANN001
+        """flwr 1.42's ``add_messages_to_queue``, woken by a stored message instead of
+        looking every 0.1 s (it still looks that often, as Flower does)."""
+        _set_after(state, "store_message_ins", self.instructions)
+        _set_after(state, "store_message_res", self.replies)
+        while not f_stop.is_set():
+            # Cleared before the look: a message stored during it wakes the next wait.
+            self.instructions.clear()
+            for node_id in nodes_mapping.keys():
+                for message in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(message)
+            self.instructions.wait(FLOWER_SIMULATION_POLL)
+
+
+def _set_after(state: object, method: str, event: object) -> None:
+    """Make ``state.method`` (on this instance only) set ``event`` after each call."""
+    stored = getattr(state, method)
+
+    def storing(*args: object, **kwargs: object) -> object:
+        result = stored(*args, **kwargs)
+        event.set()
+        return result
+
+    setattr(state, method, storing)
+
+
+def wake_simulation_engine() -> SimulationWakeups | None:
+    """In a simulation's process, make the engine start a message's delivery as soon as
+    the ServerApp stores it, and return the wakeups (whose ``replies`` event the
+    ServerApp's grid can wait on); see the module docstring. Elsewhere (a deployment's
+    ServerApp: no engine loaded), or where this flwr's engine does not look as 1.42's
+    does or started looking before this call (logged), return None: Flower's poll
+    stays."""
     import sys
     import threading
 
@@ -127,10 +168,10 @@ def shorten_simulation_poll() -> bool:
 
     vce_api = sys.modules.get(_VCE_MODULE)
     if vce_api is None:
-        return False
+        return None
     original = getattr(vce_api, "add_messages_to_queue", None)
-    if original is _polling_sooner:
-        return True
+    if isinstance(getattr(original, "__self__", None), SimulationWakeups):
+        return original.__self__
     problem = _simulation_poll_problem(vce_api, original)
     if problem is None and any(getattr(t, "_target", None) is original
                                for t in threading.enumerate()):
@@ -138,11 +179,12 @@ def shorten_simulation_poll() -> bool:
     if problem is not None:
         log(WARNING, "[fedcifar] the simulation engine's 0.1 s poll is left as it is: %s",
             problem)
-        return False
-    vce_api.add_messages_to_queue = _polling_sooner
-    log(INFO, "[fedcifar] the simulation engine looks for messages every %g s (Flower: %g s)",
-        SIMULATION_POLL, FLOWER_SIMULATION_POLL)
-    return True
+        return None
+    wakeups = SimulationWakeups()
+    vce_api.add_messages_to_queue = wakeups.look_for_messages
+    log(INFO, "[fedcifar] the simulation engine is woken by each message (Flower: looks "
+        "every %g s)", FLOWER_SIMULATION_POLL)
+    return wakeups
 
 
 def _simulation_poll_problem(vce_api: types.ModuleType, original: object) -> str | None:
@@ -155,18 +197,16 @@ def _simulation_poll_problem(vce_api: types.ModuleType, original: object) -> str
         return f"add_messages_to_queue takes {parameters}, not flwr 1.42's"
     if FLOWER_SIMULATION_POLL not in original.__code__.co_consts:
         return "add_messages_to_queue no longer waits flwr 1.42's 0.1 s"
+    if not {"get_message_ins", "store_message_ins", "store_message_res"} <= set(
+            dir(_in_memory_link_state())):
+        return "this flwr's in-memory LinkState stores messages otherwise"
     return None
 
 
-def _polling_sooner(state, queue, nodes_mapping, f_stop) -> None:  # noqa: ANN001 - flwr's
-    """flwr 1.42's ``add_messages_to_queue``, waiting less between looks."""
-    while not f_stop.is_set():
-        started = time.perf_counter()
-        for node_id in nodes_mapping.keys():
-            for message in state.get_message_ins(node_id=node_id, limit=1):
-                queue.put(message)
-        looked = time.perf_counter() - started
-        f_stop.wait(min(FLOWER_SIMULATION_POLL, max(SIMULATION_POLL, 9 * looked)))
+def _in_memory_link_state() -> type:
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    return InMemoryLinkState
 
 
 # --- The version this module was written against -------------------------------------

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcifar_app import extensions, task
 from fedcifar_app.compat import (reported_in_one_line, shorten_object_pull_backoff,
-                                 shorten_simulation_poll)
+                                 wake_simulation_engine)
 from fedcifar_app.config import RunConfig
 from fedcifar_app.data import load_split, plot_label_distribution
 from fedcifar_app.node import partition_scheme
@@ -92,12 +92,14 @@ def run(grid: Grid, context: Context) -> None:
 
     # A reply seen before its arrays are all pushed should not cost Flower's 1 s backoff.
     shorten_object_pull_backoff()
-    # In a simulation: its engine would look for this app's messages only every 0.1 s.
-    shorten_simulation_poll()
+    # In a simulation: its engine would look for this app's messages only every 0.1 s,
+    # and the grid could only poll for the replies.
+    wakeups = wake_simulation_engine()
     # Replaces nodes that fail mid-round, and pulls replies without Flower's 3 s pauses.
     recovering_grid = RecoveringGrid(grid, extensions.phase_retries(config),
                                      on_phase_end=strategy.record_phase,
-                                     rng=random.Random(config.seed))
+                                     rng=random.Random(config.seed),
+                                     replies=wakeups.replies if wakeups else None)
     try:
         strategy.meet_nodes(recovering_grid)
         final = extensions.run_rounds(

@@ -11,6 +11,7 @@ host to device. ``build_model`` picks the tutorial CNN or a GroupNorm ResNet-9.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -139,6 +140,22 @@ def build_model(name: str) -> nn.Module:
     return MODELS[name]()
 
 
+def copy_model(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with its own parameters and buffers (as ``copy.deepcopy``,
+    which a node calls for every client it trains at once, at 3.5x the cost: its
+    generic path reconstructs every attribute of every submodule)."""
+    copy = net.__class__.__new__(net.__class__)
+    copy.__dict__ = {name: value.copy() if isinstance(value, (dict, set, list)) else value
+                     for name, value in net.__dict__.items()}
+    copy._parameters = {name: None if p is None else nn.Parameter(p.detach().clone(),
+                                                                  p.requires_grad)
+                        for name, p in net._parameters.items()}
+    copy._buffers = {name: None if b is None else b.clone() for name, b in net._buffers.items()}
+    copy._modules = {name: None if m is None else copy_model(m)
+                     for name, m in net._modules.items()}
+    return copy
+
+
 def available_devices() -> list[str]:
     """What ``resolve_device`` can give on this machine, e.g. ['cpu', 'cuda:0']."""
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -232,34 +249,51 @@ class BatchLoader:
         return math.ceil(len(self.data) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        num_samples = len(self.data)
-        order = (torch.randperm(num_samples, generator=self.generator, device=self.device)
-                 if self.shuffle else torch.arange(num_samples, device=self.device))
-        for start in range(0, num_samples, self.batch_size):
+        order = self.epoch_order()
+        for start in range(0, len(order), self.batch_size):
             batch_indices = order[start:start + self.batch_size]
-            images = self.data.images[batch_indices]
-            if self.augment:
-                images = self._random_crop(self._random_flip(images))
-            images = (images.float() - self._mean) / self._std
-            yield images, self.data.labels[batch_indices]
+            yield (self.prepared(self.data.images[batch_indices],
+                                 self.augmentation(len(batch_indices))),
+                   self.data.labels[batch_indices])
 
-    def _random_flip(self, images: torch.Tensor) -> torch.Tensor:
-        flip = torch.rand(len(images), generator=self.generator, device=self.device) < 0.5
-        return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    def epoch_order(self) -> torch.Tensor:
+        """The order of the samples in the next epoch (drawn from ``generator``)."""
+        num_samples = len(self.data)
+        return (torch.randperm(num_samples, generator=self.generator, device=self.device)
+                if self.shuffle else torch.arange(num_samples, device=self.device))
 
-    def _random_crop(self, images: torch.Tensor) -> torch.Tensor:
-        """Shift each image by (dy, dx) ∈ [-pad, pad]², filling with zeros."""
-        pad = CROP_PADDING
-        size = images.shape[-1]
-        padded = F.pad(images, (pad,) * 4)
-        shifts = torch.randint(0, 2 * pad + 1, (len(images), 2), generator=self.generator,
+    def augmentation(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The next batch's random draws (from ``generator``), for ``count`` images:
+        which to flip, and each one's crop shift (dy, dx); None without augmentation."""
+        if not self.augment:
+            return None
+        flip = torch.rand(count, generator=self.generator, device=self.device) < 0.5
+        shifts = torch.randint(0, 2 * CROP_PADDING + 1, (count, 2), generator=self.generator,
                                device=self.device)
-        steps = torch.arange(size, device=self.device)
-        rows = (shifts[:, 0, None] + steps).view(-1, 1, size, 1)
-        cols = (shifts[:, 1, None] + steps).view(-1, 1, 1, size)
-        batch = torch.arange(len(images), device=self.device).view(-1, 1, 1, 1)
-        channels = torch.arange(images.shape[1], device=self.device).view(1, -1, 1, 1)
-        return padded[batch, channels, rows, cols]
+        return flip, shifts
+
+    def prepared(self, images: torch.Tensor,
+                 augmentation: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """uint8 images as normalised floats, flipped and cropped as ``augmentation``
+        (drawn by ``augmentation``, possibly several loaders' draws concatenated) says."""
+        if augmentation is not None:
+            flip, shifts = augmentation
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+            images = _shifted(images, shifts)
+        return (images.float() - self._mean) / self._std
+
+
+def _shifted(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Shift each image by its (dy, dx) ∈ [0, 2·pad]² - pad, filling with zeros."""
+    pad = CROP_PADDING
+    size = images.shape[-1]
+    padded = F.pad(images, (pad,) * 4)
+    steps = torch.arange(size, device=images.device)
+    rows = (shifts[:, 0, None] + steps).view(-1, 1, size, 1)
+    cols = (shifts[:, 1, None] + steps).view(-1, 1, 1, size)
+    batch = torch.arange(len(images), device=images.device).view(-1, 1, 1, 1)
+    channels = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
+    return padded[batch, channels, rows, cols]
 
 
 def train(
@@ -327,17 +361,8 @@ def train_together(
         net.train()
     for epoch in range(1, epochs + 1):
         epoch_loss_before, batches_before = total_loss.clone(), batches.clone()
-        streams = [iter(loader) for loader in loaders]
-        while True:
-            fetched = [next(stream, None) for stream in streams]
-            groups: dict[int, list[int]] = {}
-            for index, batch in enumerate(fetched):
-                if batch is not None:
-                    groups.setdefault(len(batch[1]), []).append(index)
-            if not groups:
-                break
-            for rows in groups.values():
-                images, labels = _stacked([fetched[index] for index in rows])
+        for step in _epoch_steps(loaders):
+            for rows, images, labels in step:
                 losses = stack.step(rows, images, labels)
                 # Accumulate as tensors: .item() every step would force a sync per batch.
                 if len(rows) == len(nets):
@@ -354,6 +379,59 @@ def train_together(
                 net.train()  # The callback may have switched to eval mode.
     stack.write_back(nets)
     return (total_loss / batches.clamp(min=1)).tolist()
+
+
+Step = list[tuple[list[int], torch.Tensor, torch.Tensor]]
+
+
+def _epoch_steps(loaders: Sequence[Iterable[tuple[torch.Tensor, torch.Tensor]]]
+                 ) -> Iterator[Step]:
+    """One epoch of the loaders, step by step: each step, the loaders with a batch
+    left, grouped by batch size, as (rows, images K×B×C×H×W, labels K×B)."""
+    if (len(loaders) > 1 and all(type(loader) is BatchLoader for loader in loaders)
+            and len({(loader.device, loader.augment) for loader in loaders}) == 1):
+        yield from _batch_loader_steps(loaders)
+        return
+    streams = [iter(loader) for loader in loaders]
+    while True:
+        fetched = [next(stream, None) for stream in streams]
+        groups: dict[int, list[int]] = {}
+        for index, batch in enumerate(fetched):
+            if batch is not None:
+                groups.setdefault(len(batch[1]), []).append(index)
+        if not groups:
+            return
+        yield [(rows, *_stacked([fetched[index] for index in rows]))
+               for rows in groups.values()]
+
+
+def _batch_loader_steps(loaders: Sequence[BatchLoader]) -> Iterator[Step]:
+    """``_epoch_steps`` of BatchLoaders on one device: each group's batches gathered,
+    augmented and normalised at once, one operation each instead of one per loader
+    (the same values: each loader draws its order and augmentation in its own order)."""
+    images = torch.cat([loader.data.images for loader in loaders])
+    labels = torch.cat([loader.data.labels for loader in loaders])
+    offsets = [0, *itertools.accumulate(len(loader.data) for loader in loaders)]
+    orders = [loader.epoch_order() + offset for loader, offset in zip(loaders, offsets)]
+    for step in itertools.count():
+        batches: dict[int, list[int]] = {}
+        indices = {}
+        for row, (loader, order) in enumerate(zip(loaders, orders)):
+            indices[row] = order[step * loader.batch_size:(step + 1) * loader.batch_size]
+            if len(indices[row]):
+                batches.setdefault(len(indices[row]), []).append(row)
+        if not batches:
+            return
+        groups = []
+        for size, rows in batches.items():
+            index = torch.cat([indices[row] for row in rows])
+            draws = [loaders[row].augmentation(size) for row in rows]
+            augmentation = None if draws[0] is None else (
+                torch.cat([flip for flip, _ in draws]), torch.cat([shift for _, shift in draws]))
+            batch = loaders[rows[0]].prepared(images[index], augmentation)
+            groups.append((rows, batch.view(len(rows), size, *batch.shape[1:]),
+                           labels[index].view(len(rows), size)))
+        yield groups
 
 
 def _stacked(batches: list[tuple[torch.Tensor, torch.Tensor]]

@@ -209,18 +209,32 @@ class _CountingStop:
 
 
 class _LinkState:
-    def __init__(self, pending: dict[int, list[str]], seconds_per_look: float = 0.0) -> None:
+    """The engine's LinkState: ``pending`` messages per node; counts its looks."""
+
+    def __init__(self, pending: dict[int, list[str]]) -> None:
         self.pending = pending
-        self.seconds_per_look = seconds_per_look
+        self.looks = 0
+        self.replies: list[str] = []
 
     def get_message_ins(self, node_id: int, limit: int) -> list[str]:
-        time.sleep(self.seconds_per_look)
+        self.looks += 1
         messages, self.pending[node_id] = self.pending[node_id][:limit], \
             self.pending[node_id][limit:]
         return messages
 
+    def store_message_ins(self, message: tuple[int, str]) -> str:
+        node_id, text = message
+        self.pending[node_id].append(text)
+        return text
 
-def test_the_simulation_engine_looks_for_messages_sooner(engine_module, caplog):
+    def store_message_res(self, message: str) -> str:
+        self.replies.append(message)
+        return message
+
+
+def test_the_simulation_engine_is_woken_by_each_stored_message(engine_module, caplog,
+                                                                monkeypatch):
+    import threading
     from queue import Queue
 
     original = engine_module.add_messages_to_queue
@@ -228,20 +242,31 @@ def test_the_simulation_engine_looks_for_messages_sooner(engine_module, caplog):
     queue: Queue = Queue()
     original(_LinkState({1: ["a"], 2: []}), queue, {1: 0, 2: 1}, stop)
     assert stop.waits == [compat.FLOWER_SIMULATION_POLL] * 3  # what is being replaced
-    assert compat.shorten_simulation_poll()
-    assert engine_module.add_messages_to_queue is not original
-    assert "looks for messages every" in caplog.text
-    stop = _CountingStop(looks=3)
-    engine_module.add_messages_to_queue(_LinkState({1: ["a", "b"], 2: ["c"]}), queue,
-                                        {1: 0, 2: 1}, stop)
-    assert stop.waits == [compat.SIMULATION_POLL] * 3
-    assert [queue.get_nowait() for _ in range(4)] == ["a", "a", "c", "b"]
-    # Thousands of nodes: looking takes long, so it waits nine times as long (<= 0.1 s).
-    stop = _CountingStop(looks=1)
-    engine_module.add_messages_to_queue(_LinkState({1: []}, seconds_per_look=0.005), queue,
-                                        {1: 0}, stop)
-    assert 0.045 <= stop.waits[0] <= compat.FLOWER_SIMULATION_POLL
-    assert compat.shorten_simulation_poll()  # a second call keeps it
+    assert queue.get_nowait() == "a"
+    wakeups = compat.wake_simulation_engine()
+    assert engine_module.add_messages_to_queue == wakeups.look_for_messages
+    assert "woken by each message" in caplog.text
+    assert compat.wake_simulation_engine() is wakeups  # a second call keeps it
+    # Waiting a minute between looks, a stored message still goes out at once.
+    monkeypatch.setattr(compat, "FLOWER_SIMULATION_POLL", 60.0)
+    state, stop = _LinkState({1: [], 2: []}), threading.Event()
+    looking = threading.Thread(target=engine_module.add_messages_to_queue,
+                               args=(state, queue, {1: 0, 2: 1}, stop))
+    looking.start()
+    try:
+        deadline = time.monotonic() + 10
+        while state.looks < 2 and time.monotonic() < deadline:  # its first look is over
+            time.sleep(0.01)
+        state.store_message_ins((2, "b"))
+        assert queue.get(timeout=10) == "b"
+        assert not wakeups.replies.is_set()
+        state.store_message_res("reply")
+        assert wakeups.replies.is_set() and state.replies == ["reply"]
+    finally:
+        stop.set()
+        wakeups.instructions.set()
+        looking.join(10)
+    assert not looking.is_alive()
 
 
 def test_an_engine_that_already_looks_or_looks_otherwise_is_left_alone(engine_module,
@@ -253,7 +278,7 @@ def test_an_engine_that_already_looks_or_looks_otherwise_is_left_alone(engine_mo
     looking = threading.Thread(target=original, args=(_LinkState({}), None, {}, stop))
     looking.start()
     try:
-        assert not compat.shorten_simulation_poll()
+        assert compat.wake_simulation_engine() is None
         assert "started looking before" in caplog.text
         assert engine_module.add_messages_to_queue is original
     finally:
@@ -264,12 +289,12 @@ def test_an_engine_that_already_looks_or_looks_otherwise_is_left_alone(engine_mo
         return None
 
     monkeypatch.setattr(engine_module, "add_messages_to_queue", other)
-    assert not compat.shorten_simulation_poll()
+    assert compat.wake_simulation_engine() is None
     assert "not flwr 1.42's" in caplog.text
     assert engine_module.add_messages_to_queue is other
 
 
 def test_outside_a_simulation_the_engine_is_not_loaded(monkeypatch):
     monkeypatch.delitem(sys.modules, "flwr.server.superlink.fleet.vce.vce_api", raising=False)
-    assert not compat.shorten_simulation_poll()
+    assert compat.wake_simulation_engine() is None
     assert "flwr.server.superlink.fleet.vce.vce_api" not in sys.modules

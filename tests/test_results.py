@@ -58,3 +58,28 @@ def test_a_run_with_jobs_on_a_clock_draws_its_timeline(tmp_path: Path) -> None:
     plain.record(1, test_accuracy=0.5)
     plain.finish(None)
     assert not (tmp_path / "plain" / TIMELINE_FILE).exists()
+
+
+def test_results_json_holds_every_change_to_an_entry_however_it_was_made(
+        tmp_path: Path) -> None:
+    import json
+
+    from fedcifar_app.results import RunRecorder, load_results
+
+    recorder = RunRecorder(tmp_path, kind="federated", unit="round", run_config={"seed": 1})
+    recorder.write()
+    assert load_results(tmp_path)["entries"] == []
+    for server_round in range(3):
+        recorder.record(server_round, train={"train-loss": 2.0 - server_round},
+                        jobs=[{"node": 7, "outcome": "used"}])
+    recorder.record(1, timed=False, save=False, evaluate={"eval-accuracy": 0.5})
+    recorder.entry(2)["jobs"][0]["outcome"] = "rejected"  # changed in place
+    recorder.publish(2)
+    written = load_results(tmp_path)
+    assert written["entries"] == json.loads(json.dumps(recorder.entries))
+    assert written["run_config"] == {"seed": 1} and written["status"] == "running"
+    assert written["entries"][1]["evaluate"] == {"eval-accuracy": 0.5}
+    assert written["entries"][2]["jobs"][0]["outcome"] == "rejected"
+    recorder.restore(written["entries"][:1])
+    recorder.write()
+    assert [e["round"] for e in load_results(tmp_path)["entries"]] == [0]

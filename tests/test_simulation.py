@@ -42,8 +42,8 @@ def test_flwr_run_completes_and_writes_results(local_simulation: dict[str, str],
     assert status["status"] == "finished:completed", done.stdout
     run_dir = tmp_path / "out" / f"flwr-run-{status['run-id']}"
     assert str(run_dir) in done.stdout
-    # The engine runs in the ServerApp's process, which shortened its 0.1 s poll in time.
-    assert "the simulation engine looks for messages every" in done.stdout
+    # The engine runs in the ServerApp's process, which replaced its 0.1 s poll in time.
+    assert "the simulation engine is woken by each message" in done.stdout
     results = load_results(run_dir)
     assert results["status"] == "completed" and results["kind"] == "federated"
     assert results["run_config"]["partitioner"] == "dirichlet"

@@ -202,6 +202,25 @@ def test_the_loader_works_where_the_data_is() -> None:
     assert all(t.device.type == "cpu" for t in task.cpu_state_dict(net).values())
 
 
+@pytest.mark.parametrize("model", ["tutorial-cnn", "resnet9-gn"])
+def test_a_model_copy_computes_alike_and_trains_apart(model: str) -> None:
+    torch.manual_seed(0)
+    net = task.build_model(model)
+    copied = task.copy_model(net)
+    assert type(copied) is type(net)
+    assert [n for n, _ in copied.named_modules()] == [n for n, _ in net.named_modules()]
+    images = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(copied(images), net(images), rtol=0, atol=0)
+    copied.eval()
+    assert net.training and not copied.training
+    with torch.no_grad():
+        for parameter in copied.parameters():
+            parameter.add_(1.0)
+    assert all(not torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+               for a, b in zip(net.parameters(), copied.parameters()))
+    assert all(p.requires_grad for p in copied.parameters())
+
+
 def _clients(sizes: list[int]) -> list[task.ImageTensors]:
     generator = torch.Generator().manual_seed(3)
     return [task.ImageTensors(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8,
@@ -214,6 +233,31 @@ def _loaders(clients: list[task.ImageTensors]) -> list[BatchLoader]:
     return [BatchLoader(data, 8, shuffle=True, augment=True,
                         generator=torch.Generator().manual_seed(index))
             for index, data in enumerate(clients)]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_loaders_batched_together_give_each_its_own_batches(augment: bool) -> None:
+    """Unequal clients: each step holds, for every client with a batch left, exactly
+    the batch its own loader yields (same order, same augmentation draws)."""
+    clients = _clients([20, 13, 27, 0])
+
+    def loaders() -> list[BatchLoader]:
+        return [BatchLoader(data, 8, shuffle=True, augment=augment,
+                            generator=torch.Generator().manual_seed(index))
+                for index, data in enumerate(clients)]
+
+    own = [list(loader) for loader in loaders()]
+    seen = {row: [] for row in range(len(clients))}
+    for step in task._epoch_steps(loaders()):
+        assert len({row for rows, _, _ in step for row in rows}) == sum(
+            len(rows) for rows, _, _ in step)  # a client at most once per step
+        for rows, images, labels in step:
+            for position, row in enumerate(rows):
+                seen[row].append((images[position], labels[position]))
+    for row, batches in seen.items():
+        assert len(batches) == len(own[row])
+        for (images, labels), (own_images, own_labels) in zip(batches, own[row]):
+            assert torch.equal(images, own_images) and torch.equal(labels, own_labels)
 
 
 @pytest.mark.parametrize("model", ["tutorial-cnn", "resnet9-gn"])

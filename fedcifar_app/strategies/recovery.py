@@ -21,7 +21,10 @@ own sampling and aggregation:
   this thread, so that polling takes at most ~5 % of a core from training (an
   in-memory pull in simulation costs a fraction of a millisecond; a deployment's, an
   HTTPS request, a few milliseconds here and about as much in the SuperLink; the
-  thread's CPU time leaves out waiting for the GIL or the network).
+  thread's CPU time leaves out waiting for the GIL or the network). Given ``replies``,
+  an event set whenever a reply may have arrived (a simulation's engine sets one:
+  ``compat.wake_simulation_engine``), it pulls when that is set instead (and at least
+  every ``poll_interval``), so it neither polls nor waits.
 
 The failed replies stay in the list the strategy receives, which counts them;
 replacements, timeouts and each instruction's journey (``Job``: node, sent, answered,
@@ -31,6 +34,7 @@ how) go to ``on_phase_end``.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -116,12 +120,14 @@ class RecoveringGrid(WrappedGrid):
     def __init__(self, grid: Grid, retries: int,
                  on_phase_end: Callable[[PhaseReport], None] | None = None,
                  poll_interval: float = POLL_INTERVAL,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 replies: threading.Event | None = None) -> None:
         self.grid = grid
         self.retries = retries
         self.on_phase_end = on_phase_end
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()
+        self.replies = replies
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
@@ -176,6 +182,8 @@ class RecoveringGrid(WrappedGrid):
         next_membership_check = time.monotonic() + MEMBERSHIP_INTERVAL
         empty_pull_s = 0.0
         while pending:
+            if self.replies is not None:
+                self.replies.clear()  # before the pull: a reply stored during it wakes the wait
             pull_started = time.thread_time()
             pulled = list(self.grid.pull_messages(list(pending)))
             if not pulled:
@@ -213,12 +221,19 @@ class RecoveringGrid(WrappedGrid):
                             "the node is no longer connected"), "disconnected",
                             entry.sent, "disconnected")
             if pending:
-                waited = time.monotonic() - started
-                time.sleep(min(self.poll_interval, max(MIN_POLL_INTERVAL, waited / 100,
-                                                       POLL_COST_FACTOR * empty_pull_s)))
+                self._pause(time.monotonic() - started, empty_pull_s)
         if self.on_phase_end is not None:
             self.on_phase_end(report)
         return replies
+
+
+    def _pause(self, waited: float, empty_pull_s: float) -> None:
+        """Until the next pull: see the module docstring."""
+        if self.replies is not None:
+            self.replies.wait(self.poll_interval)
+        else:
+            time.sleep(min(self.poll_interval, max(MIN_POLL_INTERVAL, waited / 100,
+                                                   POLL_COST_FACTOR * empty_pull_s)))
 
 
 def _readdressed(instruction: Message, node_id: int) -> Message:

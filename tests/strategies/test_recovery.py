@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
+import time
 from collections.abc import Iterable
 
 import pytest
@@ -197,3 +199,36 @@ def test_polling_waits_longer_when_pulls_are_costly(monkeypatch: pytest.MonkeyPa
     else:  # polling takes at most 1/POLL_COST_FACTOR of the time
         assert min(clock.sleeps) >= recovery.POLL_COST_FACTOR * pull_cost - 1e-9
         assert fake.pulls * pull_cost <= clock.now / recovery.POLL_COST_FACTOR + pull_cost
+
+
+class SignallingGrid(FakeGrid):
+    """One node whose reply is stored (and ``replies`` set) by another thread, after the
+    grid's first pull found nothing."""
+
+    def __init__(self, replies: threading.Event) -> None:
+        super().__init__({1: "ok"})
+        self.replies = replies
+        self.ready = threading.Event()
+        self.pulls = 0
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.pulls += 1
+        if self.pulls == 1:
+            threading.Timer(0.2, self.store_reply).start()
+        return super().pull_messages(message_ids) if self.ready.is_set() else []
+
+    def store_reply(self) -> None:
+        self.ready.set()
+        self.replies.set()
+
+
+def test_with_a_replies_event_the_grid_pulls_when_it_is_set_instead_of_polling() -> None:
+    replies = threading.Event()
+    fake = SignallingGrid(replies)
+    # Without the event it would pull again only after a minute.
+    grid = RecoveringGrid(fake, retries=0, poll_interval=60, replies=replies)
+    started = time.monotonic()
+    (reply,) = grid.send_and_receive(instructions([1]), timeout=120)
+    assert not reply.has_error()
+    assert time.monotonic() - started < 30
+    assert fake.pulls == 2  # one that found nothing, one when the reply was stored

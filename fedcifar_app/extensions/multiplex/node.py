@@ -9,7 +9,6 @@ one after another. A client that fails is reported, not fatal to the others.
 
 from __future__ import annotations
 
-import copy
 from logging import WARNING
 
 import torch
@@ -92,7 +91,7 @@ def _train(msg: Message, context: Context, config: RunConfig, hooks: NodeHooks,
     state and the extensions' hooks)."""
     device = next(net.parameters()).device
     together = config.batched_clients or task.BATCHED_CLIENTS[config.model]
-    nets = [net] + [copy.deepcopy(net) for _ in range(min(together, len(data)) - 1)]
+    nets = [net] + [task.copy_model(net) for _ in range(min(together, len(data)) - 1)]
     clients = list(data)
     for first in range(0, len(clients), together):
         chunk = clients[first:first + together]
