@@ -79,6 +79,8 @@ class RunRecorder:
     # re-encoding a long run's whole history every round cost a multiplexed
     # cross-device round 5-10 % of its time by round 300.
     encoded: dict[int, str] = field(default_factory=dict, repr=False)
+    # The rounds/epochs whose entries may hold values the tracker has not had.
+    unpublished: set[int] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +119,10 @@ class RunRecorder:
         """The entry of round/epoch ``index`` ({} if there is none yet), to read or
         change (entries change only through this and ``record``)."""
         self.encoded.pop(index, None)
+        self.unpublished.add(index)
+        return self._find(index)
+
+    def _find(self, index: int) -> dict[str, Any]:
         return next((e for e in self.entries if e[self.unit] == index), {})
 
     def publish(self, index: int) -> dict[str, Any]:
@@ -124,23 +130,24 @@ class RunRecorder:
         series value of it, and of earlier entries, not handed over before (with
         evaluate-in-train, round k's evaluation arrives during round k + 1)."""
         self.write()
-        if self.tracker is not None:
-            for entry in self.entries:
-                step = entry[self.unit]
-                if step > index:
-                    break
-                sent = self.published.setdefault(step, {})
-                fresh = {name: value for name, value in scalar_series(entry, self.unit).items()
-                         if sent.get(name) != value}
-                if fresh:
-                    sent.update(fresh)
-                    self.tracker.log_metrics(step, fresh)
-        return self.entry(index)
+        for step in sorted(step for step in self.unpublished if step <= index):
+            self.unpublished.discard(step)
+            if self.tracker is None:
+                continue
+            sent = self.published.setdefault(step, {})
+            fresh = {name: value for name, value in
+                     scalar_series(self._find(step), self.unit).items()
+                     if sent.get(name) != value}
+            if fresh:
+                sent.update(fresh)
+                self.tracker.log_metrics(step, fresh)
+        return self._find(index)
 
     def restore(self, entries: list[dict[str, Any]]) -> None:
         """Start from an earlier run's entries (resume); its best model stays there."""
         self.entries = [dict(entry) for entry in entries]
         self.encoded.clear()
+        self.unpublished.update(entry[self.unit] for entry in self.entries)
         scored = [e for e in self.entries if e.get("test_accuracy") is not None]
         if scored:
             best = max(scored, key=lambda e: e["test_accuracy"])
