@@ -76,8 +76,8 @@ class RunRecorder:
     tracker: Any = None
     published: dict[int, dict[str, float]] = field(default_factory=dict)
     # Each entry's JSON, by round/epoch, until the entry may change (record, entry):
-    # re-encoding a long run's whole history every round cost a multiplexed
-    # cross-device round 5-10 % of its time by round 300.
+    # re-encoding a long run's whole history every round slowed its later rounds
+    # (BENCHMARKS.md, section 9).
     encoded: dict[int, str] = field(default_factory=dict, repr=False)
     # The rounds/epochs whose entries may hold values the tracker has not had.
     unpublished: set[int] = field(default_factory=set, repr=False)

@@ -142,9 +142,9 @@ def build_model(name: str) -> nn.Module:
 
 
 def copy_model(net: nn.Module) -> nn.Module:
-    """A copy of ``net`` with its own parameters and buffers (as ``copy.deepcopy``,
-    which a node calls for every client it trains at once, at 3-5x the cost: its
-    generic path reconstructs every attribute of every submodule)."""
+    """A copy of ``net`` with its own parameters and buffers, as ``copy.deepcopy``
+    makes, for every client a node trains at once; deepcopy's generic path, which
+    reconstructs every attribute of every submodule, costs several times as much."""
     state = {name: value.copy() if type(value) in _CONTAINERS else value
              for name, value in net.__dict__.items()}
     state["_parameters"] = {name: None if p is None else nn.Parameter(p.detach().clone(),

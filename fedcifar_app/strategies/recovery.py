@@ -24,7 +24,7 @@ own sampling and aggregation:
   thread's CPU time leaves out waiting for the GIL or the network). Given ``replies``,
   an event set whenever a reply may have arrived (a simulation's engine sets one:
   ``compat.wake_simulation_engine``), it pulls when that is set instead (and at least
-  every ``poll_interval``), so it neither polls nor waits.
+  every ``poll_interval``): no polling, and no reply picked up late.
 
 The failed replies stay in the list the strategy receives, which counts them;
 replacements, timeouts and each instruction's journey (``Job``: node, sent, answered,
