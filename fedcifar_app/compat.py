@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 import time
 import types
 from collections.abc import Iterator
@@ -122,8 +123,6 @@ class SimulationWakeups:
     ``instructions``) and ``replies``, set whenever the engine stores a reply."""
 
     def __init__(self) -> None:
-        import threading
-
         self.instructions = threading.Event()
         self.replies = threading.Event()
 
@@ -142,7 +141,7 @@ class SimulationWakeups:
             self.instructions.wait(FLOWER_SIMULATION_POLL)
 
 
-def _set_after(state: object, method: str, event: object) -> None:
+def _set_after(state: object, method: str, event: threading.Event) -> None:
     """Make ``state.method`` (on this instance only) set ``event`` after each call."""
     stored = getattr(state, method)
 
@@ -162,7 +161,6 @@ def wake_simulation_engine() -> SimulationWakeups | None:
     does or started looking before this call (logged), return None: Flower's poll
     stays."""
     import sys
-    import threading
 
     from flwr.common import log
 

@@ -402,14 +402,20 @@ def _epoch_steps(loaders: Sequence[Iterable[tuple[torch.Tensor, torch.Tensor]]]
     streams = [iter(loader) for loader in loaders]
     while True:
         fetched = [next(stream, None) for stream in streams]
-        groups: dict[int, list[int]] = {}
-        for index, batch in enumerate(fetched):
-            if batch is not None:
-                groups.setdefault(len(batch[1]), []).append(index)
+        groups = _rows_by_size([0 if batch is None else len(batch[1]) for batch in fetched])
         if not groups:
             return
         yield [(rows, *_stacked([fetched[index] for index in rows]))
                for rows in groups.values()]
+
+
+def _rows_by_size(sizes: list[int]) -> dict[int, list[int]]:
+    """The rows of the loaders with a batch this step (size > 0), by batch size."""
+    rows_by_size: dict[int, list[int]] = {}
+    for row, size in enumerate(sizes):
+        if size:
+            rows_by_size.setdefault(size, []).append(row)
+    return rows_by_size
 
 
 def _batch_loader_steps(loaders: Sequence[BatchLoader]) -> Iterator[Step]:
@@ -421,12 +427,9 @@ def _batch_loader_steps(loaders: Sequence[BatchLoader]) -> Iterator[Step]:
     offsets = [0, *itertools.accumulate(len(loader.data) for loader in loaders)]
     orders = [loader.epoch_order() + offset for loader, offset in zip(loaders, offsets)]
     for step in itertools.count():
-        batches: dict[int, list[int]] = {}
-        indices = {}
-        for row, (loader, order) in enumerate(zip(loaders, orders)):
-            indices[row] = order[step * loader.batch_size:(step + 1) * loader.batch_size]
-            if len(indices[row]):
-                batches.setdefault(len(indices[row]), []).append(row)
+        indices = [order[step * loader.batch_size:(step + 1) * loader.batch_size]
+                   for loader, order in zip(loaders, orders)]
+        batches = _rows_by_size([len(rows) for rows in indices])
         if not batches:
             return
         groups = []

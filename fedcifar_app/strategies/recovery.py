@@ -226,7 +226,6 @@ class RecoveringGrid(WrappedGrid):
             self.on_phase_end(report)
         return replies
 
-
     def _pause(self, waited: float, empty_pull_s: float) -> None:
         """Until the next pull: see the module docstring."""
         if self.replies is not None:
