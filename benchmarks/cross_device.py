@@ -4,7 +4,7 @@ fedcifar against pfl-research side by side.
     python benchmarks/cross_device.py --dataset /abs/path/to/cifar10 [--rounds 200]
         [--cycles 2] [--pfl-python /path/to/python-with-pfl]
         [--parts training bare multiplexed multiplexed-sequential pfl pfl-torchrun
-                 per-node large]
+                 pfl-torchrun-reused-memory per-node large]
 
 The workload (pfl-research's cross-device CIFAR-10 benchmark): 1,000 IID users of
 50 images, a cohort of 50 users per round, one local epoch of batch 10, local SGD
@@ -27,7 +27,9 @@ augmentation, no client-side evaluation. Parts:
   (``benchmarks/peers/pfl_cross_device.py``): one process with all cores' threads,
   and torchrun with one process of one thread per core. They run with
   ``--pfl-python`` (default: this Python), which must have ``pfl[pytorch]``
-  (``pip install -e ".[pfl]"``);
+  (``pip install -e ".[pfl]"``); ``pfl-torchrun-reused-memory``: torchrun with
+  glibc's allocator set through its environment as a fedcifar node sets it in process
+  (``task.reuse_freed_memory``);
 * ``per-node``: fedcifar, 1,000 simulated SuperNodes, ``fraction-train`` 0.05;
 * ``large``: 10,000 virtual clients of 5 images, a cohort of 500, multiplexed:
   seconds per round and the peak RSS of the whole process tree (SuperLink,
@@ -169,6 +171,7 @@ def training(args: argparse.Namespace) -> list[dict]:
     """Clients per second of a node's local training, batched and one after another,
     alternating (``--training-repeats`` times each), per model and thread count."""
     device = task.resolve_device(args.device)
+    task.reuse_freed_memory()  # as a node does
     users = [data.to(device) for data in _user_data(args)]
     results = []
     for model, clients in (("tutorial-cnn", 25), ("resnet9-gn", 4)):
@@ -240,10 +243,18 @@ def fedcifar(args: argparse.Namespace, out: Path, users: int, cohort: int, round
 
 # -- pfl-research -----------------------------------------------------------------------
 
-def pfl(args: argparse.Namespace, out: Path, processes: int) -> dict:
+# What task.reuse_freed_memory sets in a fedcifar node, for pfl-research's processes
+# through glibc's environment variables.
+REUSED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(task.MALLOC_MMAP_THRESHOLD),
+                     "MALLOC_TRIM_THRESHOLD_": str(task.MALLOC_TRIM_THRESHOLD)}
+
+
+def pfl(args: argparse.Namespace, out: Path, processes: int,
+        environment: dict[str, str] | None = None) -> dict:
     """benchmarks/peers/pfl_cross_device.py with ``--pfl-python``: one process using
-    every core, or torchrun with ``processes`` processes of one thread."""
-    result_file = out / f"pfl-{processes}.json"
+    every core, or torchrun with ``processes`` processes of one thread; ``environment``
+    added to theirs."""
+    result_file = out / f"pfl-{processes}{'-env' if environment else ''}.json"
     peer = [str(ROOT / "benchmarks" / "peers" / "pfl_cross_device.py"), "--dataset",
             str(Path(args.dataset).resolve()), "--cache-dir", args.cache_dir, "--out",
             str(result_file), "--rounds", str(args.rounds), "--users", str(args.users),
@@ -254,7 +265,8 @@ def pfl(args: argparse.Namespace, out: Path, processes: int) -> dict:
         command = [args.pfl_python, "-m", "torch.distributed.run", "--nproc_per_node",
                    str(processes), "--master_port", str(_free_port()), *peer, "--threads", "1"]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600,
+                          env={**os.environ, **(environment or {})})
     if done.returncode != 0:
         raise RuntimeError(f"pfl-research run failed (is pfl installed for {args.pfl_python}? "
                            f"pip install -e \".[pfl]\"):\n{done.stdout[-3000:]}"
@@ -270,7 +282,8 @@ def _free_port() -> int:
 
 # -- the invocation -----------------------------------------------------------------------
 
-COMPARED = ("bare", "multiplexed", "multiplexed-sequential", "pfl", "pfl-torchrun")
+COMPARED = ("bare", "multiplexed", "multiplexed-sequential", "pfl", "pfl-torchrun",
+            "pfl-torchrun-reused-memory")
 
 
 def summary(runs: dict[str, list]) -> dict[str, dict]:
@@ -329,6 +342,7 @@ def main() -> None:
                                                    args.rounds, True, "batched-clients=1"),
         "pfl": lambda: pfl(args, out, 1),
         "pfl-torchrun": lambda: pfl(args, out, CORES),
+        "pfl-torchrun-reused-memory": lambda: pfl(args, out, CORES, REUSED_MEMORY_ENV),
         "per-node": lambda: fedcifar(args, out, args.users, args.cohort, args.rounds, False),
         "large": lambda: fedcifar(args, out, args.large_users, args.large_cohort,
                                   args.large_rounds, True),

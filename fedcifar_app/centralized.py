@@ -94,6 +94,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[int, RunConfig]:
 
 def run(epochs: int, config: RunConfig) -> RunRecorder:
     device = task.resolve_device(config.device)  # fails before anything is written
+    task.reuse_freed_memory()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir = config.output_root / f"centralized-{stamp}"
     print(f"[fedcifar] outputs of this run: {run_dir}", flush=True)

@@ -41,12 +41,14 @@ class MalformedInstruction(AnticipatedError, ValueError):
 
 def node_setup(context: Context) -> tuple[RunConfig, torch.device]:
     """The validated run and node configs; this node's device (its node config's
-    ``device`` if it sets one, else the run config's)."""
+    ``device`` if it sets one, else the run config's). Sets this process's torch threads
+    and has its allocator reuse freed memory."""
     config = RunConfig.from_mapping(context.run_config)
     problems = node_config_problems(context.node_config)
     if problems:
         raise NodeConfigError("invalid node config: " + "; ".join(problems))
     limit_torch_threads(context.node_config)
+    task.reuse_freed_memory()
     return config, task.resolve_device(str(context.node_config.get("device", config.device)))
 
 

@@ -11,6 +11,7 @@ host to device. ``build_model`` picks the tutorial CNN or a GroupNorm ResNet-9.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 from collections import OrderedDict
@@ -33,6 +34,11 @@ CROP_PADDING = 4
 EVAL_BATCH_SIZE = 500
 # ResNet-9's GroupNorm: 32 groups (Wu & He 2018's default), whatever the width.
 GROUP_NORM_GROUPS = 32
+# glibc's mallopt parameters (malloc.h) and the values reuse_freed_memory sets: blocks
+# up to 32 MiB (the most glibc accepts) come from the heap; up to 1 GiB free at its top
+# is kept there.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD = 32 << 20, 1 << 30
 
 
 class DeviceUnavailableError(AnticipatedError, RuntimeError):
@@ -184,6 +190,24 @@ def resolve_device(requested: str) -> torch.device:
             f"device '{requested}' is not available on this machine; available: "
             f"{', '.join(available)} (or 'auto')")
     return torch.device(wanted)
+
+
+def reuse_freed_memory() -> bool:
+    """Have this process's C allocator keep the memory tensors free for the next ones,
+    instead of handing it back to the system; return whether it took effect (False
+    where the C library is not glibc, e.g. macOS: nothing changes there).
+
+    By default glibc maps every block over a threshold (128 KiB, growing to at most
+    32 MiB) afresh and unmaps it when freed, so each training step's activations
+    (megabytes each) are new memory whose every 4 KiB page faults on first touch;
+    kept, they are reused as they are (BENCHMARKS.md, section 9, measured). The cost:
+    a process holds on to its peak usage instead of shrinking after it."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
 def cpu_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:

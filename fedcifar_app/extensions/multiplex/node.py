@@ -97,7 +97,8 @@ def _train(msg: Message, context: Context, config: RunConfig, hooks: NodeHooks,
         chunk = clients[first:first + together]
         rounds = []
         for client, client_net in zip(chunk, nets[:len(chunk)], strict=True):
-            _reset(client_net, start)
+            if first:  # the nets hold the received weights until a chunk trains them
+                _reset(client_net, start)
             train_data, validation_data = data[client]
             node_config = {**context.node_config, "partition-id": client,
                            "num-partitions": config.virtual_clients}
