@@ -1,11 +1,11 @@
 """Loading, decoding and partitioning CIFAR-10 (Hugging Face datasets + flwr-datasets).
 
 The expensive step, JPEG/PNG decoding, happens once per data set: the first
-process that needs a split decodes it into a uint8 tensor file under the cache
-directory (as airbench's ``CifarLoader`` does) and every later process and round
-memory-maps that file. Partitions are computed once with flwr-datasets'
-partitioners and cached as index tensors beside it, so a client's data is a
-cheap gather from the mapped split.
+process that needs a split decodes it into a uint8 array file (.npy) under the cache
+directory (as airbench's ``CifarLoader`` does), its labels beside it, and every later
+process and round memory-maps that file. Partitions are computed once with
+flwr-datasets' partitioners and cached as index tensors beside it, so a client's data
+is its rows of the split, read from the file at their offsets.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ IMAGE_COLUMN = "img"
 LABEL_COLUMN = "label"
 IMAGE_SIZE = 32
 # Bump when the cached file layout changes, so stale caches are not read.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 # Seconds the one request that checks the Hub is reachable may take.
 HUB_PROBE_TIMEOUT = 5.0
 
@@ -120,10 +120,14 @@ def _cached(path: Path, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         # mmap: processes share the page cache instead of each holding a copy.
         return torch.load(path, mmap=True, weights_only=True)
     except Exception as err:  # torch raises many types for a truncated or foreign file
-        raise DatasetUnavailableError(
-            f"the cache file {path} cannot be read ({type(err).__name__}); it was not "
-            f"written by this fedcifar or was cut short: delete it (it is rebuilt from "
-            f"the data set) and run again") from err
+        raise _unreadable(path, type(err).__name__) from err
+
+
+def _unreadable(path: Path, why: str) -> DatasetUnavailableError:
+    return DatasetUnavailableError(
+        f"the cache file {path} cannot be read ({why}); it was not written by this "
+        f"fedcifar or was cut short: delete it (it is rebuilt from the data set) and run "
+        f"again")
 
 
 def _load_hf_split(dataset: str, split: str) -> Any:
@@ -150,7 +154,10 @@ def _load_hf_split(dataset: str, split: str) -> Any:
     return hf_split.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
 
 
-def _decode(dataset: str, split: str) -> dict[str, Any]:
+def _decode(dataset: str, split: str, images_path: Path) -> dict[str, Any]:
+    """Decode the split: its images into the array file ``images_path`` (written
+    whole, then renamed into place), its labels returned for ``_cached`` to write
+    after it, so that the labels file's presence means both are there."""
     hf_split = _load_hf_split(dataset, split)
     print(f"[fedcifar] decoding {len(hf_split)} images of {dataset}:{split} (once; cached)",
           flush=True)
@@ -168,8 +175,11 @@ def _decode(dataset: str, split: str) -> dict[str, Any]:
     if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise DatasetUnavailableError(
             f"dataset '{dataset}' has labels outside 0..{NUM_CLASSES - 1}")
-    return {"images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-            "labels": labels}
+    tmp = images_path.with_name(f"{images_path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as file:
+        np.save(file, np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    os.replace(tmp, images_path)
+    return {"labels": labels}
 
 
 def load_split(dataset: str, split: str, cache_root: Path) -> ImageTensors:
@@ -178,8 +188,40 @@ def load_split(dataset: str, split: str, cache_root: Path) -> ImageTensors:
 
 
 def _load_split(dataset: str, split: str, cache_dir: Path) -> ImageTensors:
-    data = _cached(cache_dir / f"{split}.pt", lambda: _decode(dataset, split))
-    return ImageTensors(data["images"], data["labels"])
+    images, labels = _mapped_split(dataset, split, cache_dir)
+    return ImageTensors(torch.from_numpy(images), labels)
+
+
+def _mapped_split(dataset: str, split: str, cache_dir: Path) -> tuple[np.memmap, torch.Tensor]:
+    """The split's images, memory-mapped (N×3×32×32 uint8), and its labels."""
+    images_path = cache_dir / f"{split}-images.npy"
+    labels = _cached(cache_dir / f"{split}.pt",
+                     lambda: _decode(dataset, split, images_path))["labels"]
+    try:
+        # Copy-on-write: writable for torch, and nothing ever reaches the file.
+        images = np.load(images_path, mmap_mode="c")
+    except Exception as err:  # numpy raises several types for a cut or foreign file
+        raise _unreadable(images_path, type(err).__name__) from err
+    expected = (len(labels), 3, IMAGE_SIZE, IMAGE_SIZE)
+    if images.dtype != np.uint8 or images.shape != expected:
+        raise _unreadable(images_path, f"{images.dtype}{list(images.shape)}, not the "
+                                       f"uint8{list(expected)} of its labels")
+    return images, labels
+
+
+def _read_rows(images: np.memmap, rows: torch.Tensor) -> torch.Tensor:
+    """``images[rows]`` read from the file at each row's offset: a gather from a new
+    memory map faults in every page it touches, one by one (BENCHMARKS.md, section
+    9), and a multiplexed node reads its clients' rows anew in every call."""
+    row_bytes = images[0].nbytes if len(images) else 0
+    gathered = torch.empty((len(rows), *images.shape[1:]), dtype=torch.uint8)
+    buffer = gathered.numpy().reshape(-1)
+    with open(images.filename, "rb") as file:
+        for position, row in enumerate(rows.tolist()):
+            target = buffer[position * row_bytes:(position + 1) * row_bytes]
+            if os.preadv(file.fileno(), [target], images.offset + row * row_bytes) < row_bytes:
+                raise _unreadable(Path(images.filename), "shorter than its header says")
+    return gathered
 
 
 @dataclass(frozen=True)
@@ -291,11 +333,15 @@ def load_partitions(dataset: str, cache_root: Path, scheme: PartitionScheme,
                              f"[0, {scheme.num_partitions - 1}] (num-partitions)")
     # Fingerprinting a local directory stats its files: once per call, not twice.
     cache_dir = dataset_cache_dir(dataset, cache_root)
-    split = _load_split(dataset, "train", cache_dir)
+    images, labels = _mapped_split(dataset, "train", cache_dir)
     partitions = _cached(cache_dir / scheme.cache_name(),
-                         lambda: _compute_partitions(split.labels, scheme))
-    return [(split.subset(_part(partitions["train"], partition_id)),
-             split.subset(_part(partitions["validation"], partition_id)))
+                         lambda: _compute_partitions(labels, scheme))
+
+    def part(kind: str, partition_id: int) -> ImageTensors:
+        rows = _part(partitions[kind], partition_id)
+        return ImageTensors(_read_rows(images, rows), labels[rows])
+
+    return [(part("train", partition_id), part("validation", partition_id))
             for partition_id in partition_ids]
 
 

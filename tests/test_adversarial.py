@@ -185,12 +185,13 @@ def test_a_foreign_or_cut_checkpoint_is_refused_for_resume_and_left_alone(
     assert path.read_bytes() == before
 
 
+@pytest.mark.parametrize("cache_file", ["test.pt", "test-images.npy"])
 @pytest.mark.parametrize("kind", list(FOREIGN_FILES))
 def test_a_foreign_or_cut_cache_file_is_refused_by_name_and_left_alone(
-        kind: str, tiny_dataset: Path, tmp_path: Path) -> None:
+        kind: str, cache_file: str, tiny_dataset: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     data.load_split(str(tiny_dataset), "test", cache)
-    (cached,) = cache.rglob("test.pt")
+    (cached,) = cache.rglob(cache_file)
     cached.write_bytes(FOREIGN_FILES[kind](cached.read_bytes()))
     before = cached.read_bytes()
     with pytest.raises(data.DatasetUnavailableError, match="cannot be read") as refused:

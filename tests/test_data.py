@@ -121,3 +121,29 @@ def test_impossible_dirichlet_split_says_what_to_change(tiny_dataset: Path,
                              dirichlet_min_partition_size=10)
     with pytest.raises(DatasetUnavailableError, match="dirichlet-min-partition-size"):
         data.load_partition(str(tiny_dataset), cache_dir, scheme, 0)
+
+
+def test_a_partitions_rows_are_read_from_the_file_as_the_mapped_split_holds_them(
+        tiny_dataset: Path, cache_dir: Path) -> None:
+    """Partitions are read row by row at their offsets in the cached array file: the
+    same images, in the same order, as indexing the memory-mapped split."""
+    scheme = PartitionScheme("dirichlet", 5, 0.5, 2, 0.25, seed=3)
+    split = data.load_split(str(tiny_dataset), "train", cache_dir)
+    partitions = data.load_partitions(str(tiny_dataset), cache_dir, scheme, [4, 0, 2])
+    cached = torch.load(next(cache_dir.rglob(scheme.cache_name())), weights_only=True)
+    for partition_id, (train, validation) in zip([4, 0, 2], partitions, strict=True):
+        for kind, part in (("train", train), ("validation", validation)):
+            rows = data._part(cached[kind], partition_id)
+            assert len(rows) > 0
+            assert torch.equal(part.images, split.images[rows])
+            assert torch.equal(part.labels, split.labels[rows])
+
+
+def test_a_cut_image_file_is_refused_when_partitions_are_read(
+        tiny_dataset: Path, cache_dir: Path) -> None:
+    data.load_split(str(tiny_dataset), "train", cache_dir)
+    (images,) = cache_dir.rglob("train-images.npy")
+    images.write_bytes(images.read_bytes()[:-3 * 32 * 32 * 10])
+    scheme = PartitionScheme("iid", 2, 0.5, 2, 0.0, seed=0)
+    with pytest.raises(DatasetUnavailableError, match="cannot be read"):
+        data.load_partitions(str(tiny_dataset), cache_dir, scheme, [0, 1])
